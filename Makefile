@@ -1,0 +1,21 @@
+# Two targets a newcomer needs. Each creates .venv itself and pins torch==2.13.0 (never an unpinned torch).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_TOKENS ?= 500000
+
+.PHONY: demo test setup
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# Scratch vs StackBERT vs Apollo on the embedded synthetic corpus (a few minutes on 2 CPU cores).
+demo: setup
+	$(VENV)/bin/apollo compare --preset bert-tiny --methods scratch,stackbert,apollo \
+		--tokens $(DEMO_TOKENS) --eval-every 10 --out runs/demo --overwrite
+
+test: setup
+	$(PY) -m pytest

@@ -1,0 +1,34 @@
+"""apollo: progressive depth growth for Hugging Face transformers (Apollo, Shi et al., AAAI 2024).
+
+The pieces are usable from your own training loop::
+
+    from apollo import DepthSampler, layer_map, shared_layers, grow, train_flops
+"""
+
+from .config import ApolloError, DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, preset
+from .flops import forward_flops, train_flops
+from .growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
+from .models import build_model, get_layers, set_layers
+from .sampling import DepthSampler, depth_distribution, sample_depths
+from .schedule import Schedule, resolve_schedule
+
+__all__ = [
+    "ApolloError", "DataConfig", "DepthSampler", "MethodConfig", "ModelConfig", "RunConfig", "Schedule",
+    "TrainConfig", "build_model", "compare", "depth_distribution", "expand_layers", "forward_flops",
+    "get_layers", "grow", "interpolation_map", "layer_map", "preset", "resolve_schedule", "sample_depths",
+    "set_layers", "shared_layers", "stacking_map", "train", "train_flops",
+]
+
+
+def train(*args, **kwargs):
+    """Train one run (see apollo.train.train)."""
+    from .train import train as _train
+
+    return _train(*args, **kwargs)
+
+
+def compare(*args, **kwargs):
+    """Compare methods on one budget (see apollo.compare.compare)."""
+    from .compare import compare as _compare
+
+    return _compare(*args, **kwargs)

@@ -1,0 +1,104 @@
+"""The ``apollo`` command: ``train`` and ``compare``. Bad input becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+
+from .config import (
+    PRESET_NAMES,
+    SECTIONS,
+    ApolloError,
+    RunConfig,
+    from_dict,
+    load_yaml,
+    preset,
+    section_fields,
+    to_dict,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, no usage dump
+        self.exit(2, f"apollo: error: {message}\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field (``--hidden``, ``--stages 1,3,6,12``, ``--data a.txt b.txt`` ...)."""
+    parser.add_argument("--preset", help=f"one of: {', '.join(PRESET_NAMES)}")
+    parser.add_argument("--config", help="a YAML config (e.g. a run's config.yaml); flags override it")
+    parser.add_argument("--out", help="run directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    for section in SECTIONS:
+        group = parser.add_argument_group(section)
+        for name, tp in section_fields(section).items():
+            if name in skip:
+                continue
+            flag = "--" + name.replace("_", "-")
+            dest = f"{section}.{name}"
+            if tp is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+            elif typing.get_origin(tp) is tuple:
+                group.add_argument(flag, dest=dest, nargs="+", default=None, metavar="V")
+            else:
+                group.add_argument(flag, dest=dest, default=None, metavar=tp.__name__.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="apollo", description="Progressive depth training (Apollo, AAAI 2024) on HF models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train one run (scratch, stackbert or apollo)")
+    _add_config_flags(train)
+    compare = sub.add_parser("compare", help="train several methods on the same budget and report the saving")
+    compare.add_argument("--methods", default="scratch,stackbert,apollo", help="comma-separated method names")
+    _add_config_flags(compare, skip=("method",))
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """preset -> --config YAML -> individual flags, later ones winning."""
+    cfg = preset(args.preset) if args.preset else RunConfig()
+    if args.config:
+        base = load_yaml(args.config)
+        cfg = from_dict({k: v for k, v in to_dict(base).items() if k != "preset"}, cfg) if args.preset else base
+    changes: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, name = dest.split(".")
+            changes.setdefault(section, {})[name] = value
+    cfg = from_dict(changes, cfg)
+    if args.out:
+        cfg = from_dict({"out": args.out}, cfg)
+    elif args.command == "compare":
+        cfg = from_dict({"out": f"runs/compare-{cfg.preset or cfg.model.arch}"}, cfg)
+    else:
+        cfg = from_dict({"out": f"runs/{cfg.preset or cfg.model.arch}-{cfg.method.method}"}, cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        if args.command == "train":
+            from .train import train
+
+            s = train(cfg, overwrite=args.overwrite)
+            print(f"{s['method']}: final val loss {s['final_val_loss']:.4f}, {s['flops'] / 1e12:.2f} TFLOPs, "
+                  f"{s['wall_s']:.0f} s training; data: {s['data']}; run: {cfg.out}")
+        else:
+            from .compare import compare
+
+            table = compare(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], args.overwrite)
+            print(table + f"\nwrote {cfg.out}/results.md, results.csv, loss_vs_flops.png")
+    except ApolloError as e:
+        print(f"apollo: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"apollo: error: {e.strerror or e} ({e.filename or ''})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("apollo: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,239 @@
+"""Typed run configuration: model shape, method, training and data, plus the presets.
+
+Every field is a CLI flag (``--field-name``) and a YAML key (``section: {field: value}``).
+Configs are frozen; overrides make new instances with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ApolloError(ValueError):
+    """A problem with the user's input: reported as one line with exit code 2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "bert"  # bert (masked LM, post-LN) | gpt2 (causal LM, pre-LN)
+    layers: int = 12  # target depth L
+    hidden: int = 128
+    heads: int = 4
+    ffn: int = 512
+    vocab: int = 4096
+    seq_len: int = 128
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    method: str = "apollo"  # scratch | stackbert | apollo
+    stages: tuple[int, ...] = ()  # live layers per stage; empty = the method's default
+    switch: tuple[float, ...] = ()  # where each later stage starts; empty = the method's default
+    switch_unit: str = "fraction"  # fraction (of the run) | step | epoch
+    sampler: str = ""  # lvps | es | us | fs | none; empty = the method's default
+    growth: str = ""  # interpolation | stacking; empty = the method's default
+    moments: str = "copy"  # AdamW state of new layers: copy (from the source layer) | reset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (one depth drawn per micro-batch)
+    steps: int = 0  # run length: the first of steps / tokens / epochs that is > 0
+    tokens: int = 0
+    epochs: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup: float = 0.025  # fraction of the run
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    clip: float = 1.0  # max gradient norm (0 = off)
+    eval_every: int = 50  # steps between validation passes at full depth
+    eval_blocks: int = 200  # validation blocks per pass (0 = all)
+    seed: int = 0
+    threads: int = 0  # torch threads (0 = torch's default)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data: tuple[str, ...] = ()  # local text files; none (and no dataset) = the synthetic demo corpus
+    valid: tuple[str, ...] = ()  # separate validation files; none = hold out valid_fraction of blocks
+    dataset: str = ""  # a `datasets` name (e.g. wikitext), for users with internet
+    dataset_config: str = ""  # e.g. wikitext-103-raw-v1
+    text_column: str = "text"
+    valid_fraction: float = 0.05
+    tokenizer: str = ""  # a saved HF tokenizer directory; empty = train one on the training text
+    synthetic_sentences: int = 60000
+    mlm_probability: float = 0.15
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "runs/apollo"
+    preset: str = ""
+
+
+SECTIONS = ("model", "method", "train", "data")
+
+
+def _paper(arch: str, layers: int, hidden: int, heads: int) -> RunConfig:
+    """Paper Table 5 sizes with the paper's training settings (bf16 aside)."""
+    bert = arch == "bert"
+    model = ModelConfig(arch, layers, hidden, heads, 4 * hidden, 30522 if bert else 50257, 512 if bert else 1024, 0.1)
+    train = TrainConfig(batch_size=768 if bert else 512, lr=1e-4, tokens=10**9, eval_every=1000)
+    return RunConfig(model=model, train=train)
+
+
+def _tiny(arch: str) -> RunConfig:
+    """CPU preset: 12 layers, seq 128, sized so the layers dominate a step's FLOPs (see tests/test_config.py)."""
+    model = ModelConfig(arch, 12, 128, 4, 512, 4096, 128, 0.0)
+    return RunConfig(model=model, train=TrainConfig(batch_size=16, lr=1e-3, tokens=3_000_000, eval_every=50))
+
+
+_PRESETS = types.MappingProxyType(
+    {
+        "bert-tiny": lambda: _tiny("bert"),
+        "gpt-tiny": lambda: _tiny("gpt2"),
+        "bert-small": lambda: _paper("bert", 12, 512, 8),
+        "bert-base": lambda: _paper("bert", 12, 768, 12),
+        "bert-large": lambda: _paper("bert", 24, 1024, 16),
+        "gpt-small": lambda: _paper("gpt2", 12, 512, 8),
+        "gpt-base": lambda: _paper("gpt2", 12, 768, 12),
+    }
+)
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def preset(name: str) -> RunConfig:
+    if name not in _PRESETS:
+        raise ApolloError(f"unknown preset {name!r} (choose from {', '.join(PRESET_NAMES)})")
+    return dataclasses.replace(_PRESETS[name](), preset=name)
+
+
+# ---- conversion: dict/YAML/CLI strings -> typed fields -------------------------------------------
+
+
+def _coerce(value, tp, name: str):
+    """Convert a YAML or CLI value to the field's declared type, or raise ApolloError."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, item, name) for v in value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            f = float(value)
+            if f != int(f):
+                raise ValueError(value)
+            return int(f)
+        if tp is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ApolloError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+
+
+def _hints(cls) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def section_fields(section: str) -> dict[str, type]:
+    cls = _hints(RunConfig)[section]
+    return _hints(cls)
+
+
+def from_dict(d: dict, base: RunConfig | None = None) -> RunConfig:
+    """Apply a nested dict (as in config.yaml) on top of ``base``; unknown keys are errors."""
+    cfg = base or RunConfig()
+    if "preset" in d and d["preset"] and base is None:
+        cfg = preset(str(d["preset"]))
+    top = {}
+    for key, value in d.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ApolloError(f"config section {key!r} must be a mapping")
+            hints = section_fields(key)
+            changes = {}
+            for k, v in value.items():
+                if k not in hints:
+                    raise ApolloError(f"unknown config key {key}.{k}")
+                changes[k] = _coerce(v, hints[k], f"{key}.{k}")
+            top[key] = dataclasses.replace(getattr(cfg, key), **changes)
+        elif key in ("out", "preset"):
+            top[key] = str(value)
+        else:
+            raise ApolloError(f"unknown config key {key!r}")
+    return dataclasses.replace(cfg, **top)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    for section in SECTIONS:
+        d[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in d[section].items()}
+    return d
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    try:
+        d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ApolloError(f"cannot read config {path}: {e.__class__.__name__}") from None
+    if not isinstance(d, dict):
+        raise ApolloError(f"config {path} must be a mapping")
+    return from_dict(d)
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def check(cfg: RunConfig) -> None:
+    """Reject values no run can use, before anything is loaded or written."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    positive = {"layers": m.layers, "hidden": m.hidden, "heads": m.heads, "ffn": m.ffn, "vocab": m.vocab,
+                "seq_len": m.seq_len, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ApolloError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    for name in ("steps", "tokens", "epochs", "eval_every", "eval_blocks", "threads", "clip", "weight_decay"):
+        if getattr(t, name) < 0:
+            raise ApolloError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
+    if not (t.steps or t.tokens or t.epochs):
+        raise ApolloError("set the run length with --steps, --tokens or --epochs")
+    if m.hidden % m.heads:
+        raise ApolloError(f"--hidden {m.hidden} must be divisible by --heads {m.heads}")
+    if m.seq_len < 4:
+        raise ApolloError(f"--seq-len must be >= 4, got {m.seq_len}")
+    if not 0 <= m.dropout < 1:
+        raise ApolloError(f"--dropout must be in [0, 1), got {m.dropout}")
+    if not 0 <= t.warmup < 1 or not 0 <= t.min_lr_ratio <= 1:
+        raise ApolloError("--warmup must be in [0, 1) and --min-lr-ratio in [0, 1]")
+    if not 0 < d.valid_fraction < 1:
+        raise ApolloError(f"--valid-fraction must be in (0, 1), got {d.valid_fraction}")
+    if not 0 < d.mlm_probability < 1:
+        raise ApolloError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")

@@ -1,0 +1,103 @@
+"""Layer maps (Eq. 11, 12), weight sharing across a sampled depth, and growth at a stage boundary.
+
+Sharing: one forward at depth ``d`` runs live layer ``map[j]`` at position ``j``. We swap the model's
+layer list for the pass (the same modules, by reference), so the HF forward code is untouched and
+parameter names stay ``...layer.{i}...`` for the ``N_s`` live layers.
+
+Growth is a rebuild: new layers are deep copies of their source layers, and the optimizer is built
+afresh over the new parameters, with each new parameter's AdamW state copied from its source
+(``copy``) or started empty (``reset``). The learning-rate schedule is global and not restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import ApolloError
+from .models import get_layers, layer_path, renumber_layers, set_layers
+
+GROWTH = ("interpolation", "stacking")
+MOMENTS = ("copy", "reset")
+
+
+def interpolation_map(n_live: int, depth: int) -> list[int]:
+    """Eq. 12: position ``j`` of a ``depth``-deep pass uses live weight ``(j * n_live) // depth``.
+
+    Each live weight fills one contiguous block, order kept: ``(3, 8) -> [0,0,0,1,1,1,2,2]``.
+    The same rule is the expansion map ``N_old -> N_new`` (``(3, 6) -> [0,0,1,1,2,2]``).
+    """
+    return [(j * n_live) // depth for j in range(depth)]
+
+
+def stacking_map(n_live: int, depth: int) -> list[int]:
+    """Eq. 11: position ``j`` uses ``j mod n_live``; a partial last block takes the top layers.
+
+    ``(3, 8) -> [0,1,2,0,1,2,1,2]``, ``(6, 9) -> [0,1,2,3,4,5,3,4,5]``. As an expansion map it is
+    StackBERT's doubling: new layer ``j`` copies old layer ``j mod N_old``.
+    """
+    full, rest = divmod(depth, n_live)
+    return [j % n_live for j in range(full * n_live)] + list(range(n_live - rest, n_live))
+
+
+def layer_map(kind: str, n_live: int, depth: int) -> list[int]:
+    if kind not in GROWTH:
+        raise ApolloError(f"unknown growth {kind!r} (choose from {', '.join(GROWTH)})")
+    if not 1 <= n_live <= depth:
+        raise ApolloError(f"cannot map {n_live} live layers onto depth {depth}")
+    return (interpolation_map if kind == "interpolation" else stacking_map)(n_live, depth)
+
+
+@contextlib.contextmanager
+def shared_layers(model: nn.Module, positions: list[int]) -> Iterator[None]:
+    """Run the model with live layer ``positions[j]`` at position ``j`` (shared by reference)."""
+    live = get_layers(model)
+    set_layers(model, nn.ModuleList([live[i] for i in positions]), depth_field=False)
+    try:
+        yield
+    finally:
+        set_layers(model, live, depth_field=False)
+
+
+def expand_layers(model: nn.Module, n_new: int, kind: str) -> list[int]:
+    """Replace the ``N_old`` live layers by ``n_new`` deep copies; return the source of each new layer."""
+    live = get_layers(model)
+    source = layer_map(kind, len(live), n_new)
+    new = nn.ModuleList([copy.deepcopy(live[i]) for i in source])
+    renumber_layers(new)
+    set_layers(model, new)
+    return source
+
+
+def _source_name(name: str, prefix: str, source: list[int]) -> str:
+    if not name.startswith(prefix):
+        return name
+    index, rest = name[len(prefix):].split(".", 1)
+    return f"{prefix}{source[int(index)]}.{rest}"
+
+
+def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: str, moments: str,
+         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, list[int]]:
+    """Expand the live layers to ``n_new`` and rebuild the optimizer over the new parameters.
+
+    ``moments='copy'``: each new layer's AdamW state (step, exp_avg, exp_avg_sq) is a copy of its
+    source layer's; ``'reset'``: new layers start with empty state. Non-layer parameters (embeddings,
+    head) are the same objects and keep their state. Returns the new optimizer and the source map.
+    """
+    if moments not in MOMENTS:
+        raise ApolloError(f"unknown moments policy {moments!r} (choose from {', '.join(MOMENTS)})")
+    prefix = layer_path(model) + "."
+    old_state = {name: optimizer.state.get(p, {}) for name, p in model.named_parameters()}
+    source = expand_layers(model, n_new, kind)
+    new_optimizer = make_optimizer(model)
+    for name, p in model.named_parameters():
+        if name.startswith(prefix) and moments == "reset":
+            continue
+        state = old_state.get(_source_name(name, prefix, source), {})
+        if state:
+            new_optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+    return new_optimizer, source

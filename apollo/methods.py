@@ -1,0 +1,45 @@
+"""Scratch, StackBERT and Apollo as choices of stages + depth sampler + growth operator.
+
+A new progressive method is one entry here (plus its growth op in growth.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import ApolloError, MethodConfig
+
+METHODS = ("scratch", "stackbert", "apollo")
+
+
+def _defaults(name: str, depth: int) -> MethodConfig:
+    quarter, half = max(1, depth // 4), max(1, depth // 2)
+    if name == "scratch":  # the full L-layer model, every step at depth L
+        return MethodConfig("scratch", (depth,), (), "fraction", "fs", "interpolation")
+    if name == "stackbert":  # Gong et al. 2019: train N layers, double by stacking (3 -> 6 -> 12), no sampling
+        stages = tuple(sorted({quarter, half, depth}))
+        return MethodConfig("stackbert", stages, (0.10, 0.25)[-(len(stages) - 1):] if len(stages) > 1 else (),
+                            "fraction", "none", "stacking")
+    if name == "apollo":  # the paper: 1 -> 3 -> 6 -> 12 at 5/10/25%, LVPS depths, interpolation growth
+        stages = tuple(sorted({1, quarter, half, depth}))
+        return MethodConfig("apollo", stages, (0.05, 0.10, 0.25)[-(len(stages) - 1):] if len(stages) > 1 else (),
+                            "fraction", "lvps", "interpolation")
+    raise ApolloError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
+
+
+def resolve_method(m: MethodConfig, depth: int) -> MethodConfig:
+    """Fill every empty field with the method's default; explicit fields win."""
+    base = _defaults(m.method, depth)
+    if m.switch_unit != "fraction" and not m.switch:
+        raise ApolloError(f"--switch-unit {m.switch_unit} needs explicit --switch points")
+    if m.stages and not m.switch and len(m.stages) != len(base.stages):
+        raise ApolloError(f"custom stages {list(m.stages)} need --switch with {len(m.stages) - 1} points")
+    return dataclasses.replace(
+        base,
+        stages=m.stages or base.stages,
+        switch=m.switch if (m.switch or m.stages) else base.switch,
+        switch_unit=m.switch_unit,
+        sampler=m.sampler or base.sampler,
+        growth=m.growth or base.growth,
+        moments=m.moments,
+    )

@@ -1,0 +1,83 @@
+"""Presets -> Hugging Face models, and the layer adapter (where a model keeps its layer list).
+
+The adapter is the only place that knows model internals: Apollo, StackBERT and the FLOP
+counter all work through ``get_layers`` / ``set_layers``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from .config import ApolloError, ModelConfig
+
+# Attribute paths of the layer list, tried in order (BERT/RoBERTa, GPT-2, LLaMA-style, GPT-NeoX, OPT).
+LAYER_PATHS = ("bert.encoder.layer", "roberta.encoder.layer", "transformer.h", "model.layers", "gpt_neox.layers",
+               "model.decoder.layers")
+ARCHS = ("bert", "gpt2")
+
+
+def hf_config(m: ModelConfig):
+    """The HF config for a preset; eager-equivalent SDPA attention, no KV cache while training."""
+    if m.arch == "bert":
+        return BertConfig(vocab_size=m.vocab, hidden_size=m.hidden, num_hidden_layers=m.layers,
+                          num_attention_heads=m.heads, intermediate_size=m.ffn, max_position_embeddings=m.seq_len,
+                          hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
+    if m.arch == "gpt2":
+        return GPT2Config(vocab_size=m.vocab, n_embd=m.hidden, n_layer=m.layers, n_head=m.heads, n_inner=m.ffn,
+                          n_positions=m.seq_len, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+                          bos_token_id=0, eos_token_id=0, use_cache=False)
+    raise ApolloError(f"unknown arch {m.arch!r} (choose from {', '.join(ARCHS)})")
+
+
+def build_model(m: ModelConfig, live_layers: int, seed: int) -> PreTrainedModel:
+    """A freshly initialised model whose layer list holds the first ``live_layers`` of an L-layer init.
+
+    Building the full depth first means every method starts from the same embeddings, head and
+    (first) layers for a given seed, and GPT-2's depth-scaled init uses the target depth L.
+    """
+    torch.manual_seed(seed)
+    cls = BertForMaskedLM if m.arch == "bert" else GPT2LMHeadModel
+    model = cls(hf_config(m))
+    if live_layers < m.layers:
+        set_layers(model, nn.ModuleList(list(get_layers(model))[:live_layers]))
+    return model
+
+
+def layer_path(model: nn.Module) -> str:
+    """Dotted attribute path of the model's layer list, e.g. ``bert.encoder.layer``."""
+    for path in LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            return path
+    raise ApolloError(f"{type(model).__name__}: no layer list found at {', '.join(LAYER_PATHS)}; "
+                      "add its attribute path to apollo.models.LAYER_PATHS")
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    obj = model
+    for part in layer_path(model).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_layers(model: nn.Module, layers: nn.ModuleList, depth_field: bool = True) -> None:
+    """Install ``layers`` as the model's layer list; with ``depth_field`` also update config's depth."""
+    *parents, name = layer_path(model).split(".")
+    owner = model
+    for part in parents:
+        owner = getattr(owner, part)
+    setattr(owner, name, layers)
+    if depth_field:
+        model.config.num_hidden_layers = len(layers)
+
+
+def renumber_layers(layers: nn.ModuleList) -> None:
+    """Give each distinct layer its position as ``layer_idx`` (used by KV caches) after a rebuild."""
+    for i, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i

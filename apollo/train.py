@@ -1,0 +1,176 @@
+"""The training loop, top to bottom: one loop for Scratch, StackBERT and Apollo.
+
+Per step: (at a stage boundary: grow + rebuild the optimizer) -> set the learning rate -> for each
+micro-batch draw a depth, share the live layers across it, forward/backward, count its FLOPs ->
+clip, step -> log. Every ``eval_every`` steps: validation loss at full depth L.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import ApolloError, RunConfig, TrainConfig, check, save_yaml
+from .data import Batches, LMData, load_lm_data, valid_batches
+from .flops import train_flops
+from .growth import grow, layer_map, shared_layers
+from .methods import resolve_method
+from .models import build_model, get_layers
+from .sampling import DepthSampler
+from .schedule import resolve_schedule
+
+
+def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and LayerNorm weights (every parameter with < 2 dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
+
+
+def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
+    """Linear warmup then cosine decay to ``lr * min_lr_ratio``, over the whole run (never restarted)."""
+    warmup = max(1, round(t.warmup * total_steps))
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def total_steps(t: TrainConfig, seq_len: int, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run from --steps, else --tokens, else --epochs."""
+    if t.steps:
+        return t.steps
+    if t.tokens:
+        return max(1, math.ceil(t.tokens / (t.batch_size * t.grad_accum * seq_len)))
+    return max(1, round(t.epochs * steps_per_epoch / t.grad_accum))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict], positions: list[int]) -> float:
+    """Mean loss per predicted token over the validation batches, running the layers at ``positions``."""
+    model.eval()
+    total, count = 0.0, 0
+    with shared_layers(model, positions):
+        for batch in batches:
+            labels = batch["labels"]
+            n = int((labels != -100).sum()) if model.config.model_type == "bert" else labels[:, 1:].numel()
+            total += float(model(**batch).loss) * n
+            count += n
+    model.train()
+    return total / max(1, count)
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into an earlier run unless asked to; never delete anything but that run's files."""
+    if out.exists() and not out.is_dir():
+        raise ApolloError(f"run directory {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ApolloError(f"run directory {out} already exists (use --overwrite to replace it)")
+        if not (out / "config.yaml").exists():
+            raise ApolloError(f"refusing to overwrite {out}: it does not look like an apollo run directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -> dict:
+    """Train one run into ``cfg.out``; returns the run summary (also written to summary.json)."""
+    check(cfg)
+    m, t = cfg.model, cfg.train
+    method = resolve_method(cfg.method, m.layers)
+    DepthSampler(method.sampler, m.layers, 0)  # validate names before any work
+    layer_map(method.growth, 1, 1)
+    out = Path(cfg.out)
+    if data is None:
+        data = load_lm_data(cfg.data, m, t.seed)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    batches = Batches(data.train, t.batch_size, t.seed, data.tokenizer, data.mlm, cfg.data.mlm_probability)
+    valid = valid_batches(data.valid, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, t.seed,
+                          t.eval_blocks)
+    steps = total_steps(t, m.seq_len, batches.steps_per_epoch)
+    schedule = resolve_schedule(method.stages, method.switch, method.switch_unit, steps, batches.steps_per_epoch,
+                                m.layers)
+    prepare_run_dir(out, overwrite)
+    cfg = dataclasses.replace(cfg, method=method)
+    save_yaml(cfg, out / "config.yaml")
+
+    model = build_model(m, schedule.stages[0], t.seed)
+    model.train()
+    optimizer = make_optimizer(model, t)
+    sampler = DepthSampler(method.sampler, m.layers, t.seed)
+    tokens_per_micro = t.batch_size * m.seq_len
+    state = {"flops": 0, "tokens": 0, "wall_s": 0.0, "val_loss": float("nan")}
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as log, \
+            tqdm(total=steps, disable=not t.progress, desc=f"{method.method}", unit="step", dynamic_ncols=True) as bar:
+        def write(record: dict) -> None:
+            log.write(json.dumps(record) + "\n")
+
+        write({"event": "start", "source": data.source, "steps": steps, "schedule": dataclasses.asdict(schedule),
+               "train_blocks": len(data.train), "valid_blocks": len(data.valid)})
+        stage = 0
+        for step in range(steps):
+            start = time.perf_counter()
+            if schedule.stage_at(step) != stage:
+                stage = schedule.stage_at(step)
+                n_old = len(get_layers(model))
+                optimizer, source = grow(model, optimizer, schedule.stages[stage], method.growth, method.moments,
+                                         lambda mod: make_optimizer(mod, t))
+                write({"event": "grow", "step": step, "from": n_old, "to": schedule.stages[stage],
+                       "growth": method.growth, "source": source, "moments": method.moments})
+                bar.write(f"[{method.method}] step {step}: grew {n_old} -> {schedule.stages[stage]} live layers "
+                          f"({method.growth}, moments {method.moments}); optimizer rebuilt")
+            n_live = schedule.stages[stage]
+            lr = lr_at(step, steps, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            depths, loss_sum = [], 0.0
+            for micro in range(t.grad_accum):
+                depth = sampler(n_live)
+                batch = batches.batch(step * t.grad_accum + micro)
+                with shared_layers(model, layer_map(method.growth, n_live, depth)):
+                    loss = model(**batch).loss
+                (loss / t.grad_accum).backward()
+                depths.append(depth)
+                loss_sum += float(loss)
+                state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len)
+            if t.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_sum / t.grad_accum
+            if not math.isfinite(loss):
+                raise ApolloError(f"loss is {loss} at step {step}; lower --lr or check the data")
+            elapsed = time.perf_counter() - start
+            state["wall_s"] += elapsed
+            state["tokens"] += tokens_per_micro * t.grad_accum
+            write({"event": "step", "step": step, "stage": stage, "live_layers": n_live, "depth": depths,
+                   "loss": loss, "lr": lr, "tokens": state["tokens"], "flops": state["flops"],
+                   "wall_s": round(state["wall_s"], 4)})
+            if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps:
+                # Validation always runs all L positions; before the last stage, through the current map.
+                state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers))
+                write({"event": "eval", "step": step + 1, "stage": stage, "live_layers": n_live,
+                       "val_loss": state["val_loss"], "tokens": state["tokens"], "flops": state["flops"],
+                       "wall_s": round(state["wall_s"], 4)})
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{state['val_loss']:.3f}", stage=f"{stage}:{n_live}L",
+                            d=depths[-1], tok_s=f"{tokens_per_micro * t.grad_accum / elapsed:.0f}", refresh=False)
+
+    model.save_pretrained(out / "model")
+    data.tokenizer.save_pretrained(out / "model")
+    summary = {"method": method.method, "steps": steps, "tokens": state["tokens"], "flops": state["flops"],
+               "wall_s": round(state["wall_s"], 3), "final_val_loss": state["val_loss"], "data": data.source,
+               "layers": len(get_layers(model))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary

@@ -1,0 +1,57 @@
+import dataclasses
+
+import pytest
+
+from apollo.config import PRESET_NAMES, ApolloError, check, from_dict, load_yaml, preset, save_yaml, to_dict
+from apollo.flops import fixed_flops, forward_flops
+from apollo.models import build_model, hf_config
+
+
+def test_presets_roundtrip_yaml(tmp_path):
+    for name in PRESET_NAMES:
+        cfg = preset(name)
+        check(cfg)
+        save_yaml(cfg, tmp_path / f"{name}.yaml")
+        assert load_yaml(tmp_path / f"{name}.yaml") == cfg
+
+
+def test_paper_table5_sizes():
+    sizes = {n: (preset(n).model.layers, preset(n).model.hidden, preset(n).model.heads) for n in PRESET_NAMES}
+    assert sizes["bert-small"] == (12, 512, 8) and sizes["bert-base"] == (12, 768, 12)
+    assert sizes["bert-large"] == (24, 1024, 16) and sizes["gpt-small"] == (12, 512, 8)
+    assert sizes["gpt-base"] == (12, 768, 12)
+    assert preset("bert-base").model.vocab == 30522 and preset("gpt-base").model.seq_len == 1024
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "gpt-tiny"])
+def test_tiny_presets_let_layers_dominate(name):
+    """Embeddings + LM head <= 1/4 of a full-depth step's FLOPs (cpu-scale-findings.md)."""
+    m = preset(name).model
+    assert m.layers == 12 and m.seq_len == 128
+    hf = hf_config(m)
+    tokens = 16 * m.seq_len
+    assert fixed_flops(hf, tokens) <= 0.25 * forward_flops(hf, 12, tokens, m.seq_len)
+    model = build_model(m, 12, seed=0)
+    assert model.config.num_hidden_layers == 12
+
+
+def test_from_dict_rejects_unknown_keys_and_bad_types():
+    base = preset("bert-tiny")
+    assert from_dict({"model": {"hidden": "256"}}, base).model.hidden == 256
+    assert from_dict({"method": {"stages": "1,3,6,12"}}, base).method.stages == (1, 3, 6, 12)
+    with pytest.raises(ApolloError, match="unknown config key"):
+        from_dict({"model": {"hiden": 3}}, base)
+    with pytest.raises(ApolloError, match="expected int"):
+        from_dict({"train": {"batch_size": "many"}}, base)
+    assert to_dict(base)["model"]["hidden"] == base.model.hidden
+
+
+@pytest.mark.parametrize("section, change, match", [
+    ("train", {"batch_size": 0}, "batch-size"), ("train", {"lr": -1.0}, "lr"), ("train", {"steps": -5}, "steps"),
+    ("model", {"heads": 3}, "divisible"), ("train", {"steps": 0, "tokens": 0, "epochs": 0.0}, "run length"),
+])
+def test_check_rejects_unusable_values(section, change, match):
+    cfg = preset("bert-tiny")
+    cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **change)})
+    with pytest.raises(ApolloError, match=match):
+        check(cfg)

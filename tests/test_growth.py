@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from apollo.config import TrainConfig
+from apollo.growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
+from apollo.models import build_model, get_layers
+from apollo.train import make_optimizer
+from tests.conftest import tiny_model_config
+
+
+def test_layer_maps_equal_spec_examples():
+    assert interpolation_map(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert stacking_map(3, 8) == [0, 1, 2, 0, 1, 2, 1, 2]
+    assert stacking_map(6, 9) == [0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert interpolation_map(3, 6) == [0, 0, 1, 1, 2, 2]  # expansion 3 -> 6
+    assert stacking_map(3, 6) == [0, 1, 2, 0, 1, 2]  # StackBERT doubling
+    assert interpolation_map(1, 12) == [0] * 12 and interpolation_map(12, 12) == list(range(12))
+
+
+def test_every_live_layer_used_at_every_depth_under_interpolation():
+    for n in range(1, 13):
+        for d in range(n, 13):
+            m = interpolation_map(n, d)
+            assert len(m) == d and set(m) == set(range(n)) and m == sorted(m)
+            assert set(stacking_map(n, d)) == set(range(n))
+
+
+def ids(batch=2, seq=16):
+    return torch.randint(5, 128, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_shared_layers_equals_explicit_deep_model(arch):
+    cfg = tiny_model_config(arch)
+    model = build_model(cfg, 3, seed=0).eval()
+    names = [n for n, _ in model.named_parameters()]
+    positions = layer_map("interpolation", 3, 8)
+    with torch.no_grad(), shared_layers(model, positions):
+        shared = model(input_ids=ids()).logits
+    assert [n for n, _ in model.named_parameters()] == names and len(get_layers(model)) == 3
+    explicit = build_model(cfg, 8, seed=0).eval()
+    explicit.load_state_dict({k: v for k, v in model.state_dict().items() if ".layer" not in k and ".h." not in k},
+                             strict=False)
+    for j, i in enumerate(positions):
+        get_layers(explicit)[j].load_state_dict(get_layers(model)[i].state_dict())
+    with torch.no_grad():
+        assert torch.allclose(explicit(input_ids=ids()).logits, shared, atol=1e-5)
+
+
+def test_shared_layers_accumulates_gradients_into_live_weights(arch):
+    model = build_model(tiny_model_config(arch), 1, seed=0)
+    with shared_layers(model, [0] * 4):
+        model(input_ids=ids(), labels=ids()).loss.backward()
+    assert all(p.grad is not None for p in get_layers(model)[0].parameters())
+
+
+@pytest.mark.parametrize("kind, steps", [("interpolation", [1, 3, 6, 12]), ("stacking", [3, 6, 12])])
+def test_growth_copies_sources_and_preserves_full_depth_function(arch, kind, steps):
+    model = build_model(tiny_model_config(arch), steps[0], seed=0).eval()
+    for n_old, n_new in zip(steps, steps[1:], strict=False):
+        with torch.no_grad(), shared_layers(model, layer_map(kind, n_old, 12)):
+            before = model(input_ids=ids()).logits
+        old = [layer.state_dict() for layer in get_layers(model)]
+        source = expand_layers(model, n_new, kind)
+        assert source == layer_map(kind, n_old, n_new)
+        layers = get_layers(model)
+        assert len(layers) == n_new == model.config.num_hidden_layers
+        for j, i in enumerate(source):
+            for k, v in layers[j].state_dict().items():
+                assert torch.equal(v, old[i][k])
+        with torch.no_grad(), shared_layers(model, layer_map(kind, n_new, 12)):
+            assert torch.allclose(model(input_ids=ids()).logits, before, atol=1e-5)
+    # after the last stage: L distinct layers, no parameter shared between them
+    ptrs = [p.data_ptr() for layer in get_layers(model) for p in layer.parameters()]
+    assert len(get_layers(model)) == 12 and len(ptrs) == len(set(ptrs))
+
+
+@pytest.mark.parametrize("moments", ["copy", "reset"])
+def test_grow_rebuilds_optimizer_with_moment_policy(moments):
+    t = TrainConfig(lr=1e-3)
+    model = build_model(tiny_model_config("bert"), 3, seed=0)
+    opt = make_optimizer(model, t)
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    opt.step()
+    old_layers = [{n: opt.state[p] for n, p in layer.named_parameters()} for layer in get_layers(model)]
+    emb = model.bert.embeddings.word_embeddings.weight
+    emb_state = opt.state[emb]["exp_avg"].clone()
+    new_opt, source = grow(model, opt, 6, "interpolation", moments, lambda m: make_optimizer(m, t))
+    assert new_opt is not opt and source == [0, 0, 1, 1, 2, 2]
+    opt_params = {id(p) for g in new_opt.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in model.parameters()}
+    assert torch.equal(new_opt.state[emb]["exp_avg"], emb_state)  # non-layer state kept
+    for j, layer in enumerate(get_layers(model)):
+        for n, p in layer.named_parameters():
+            if moments == "reset":
+                assert p not in new_opt.state
+            else:
+                src = old_layers[source[j]][n]
+                assert torch.equal(new_opt.state[p]["exp_avg"], src["exp_avg"])
+                assert torch.equal(new_opt.state[p]["exp_avg_sq"], src["exp_avg_sq"])
+                assert new_opt.state[p]["exp_avg"].data_ptr() != src["exp_avg"].data_ptr()
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    new_opt.step()  # the rebuilt optimizer steps without error

@@ -1,0 +1,42 @@
+import pytest
+
+from apollo.config import ApolloError, MethodConfig
+from apollo.methods import resolve_method
+from apollo.schedule import resolve_schedule
+
+
+def test_fractions_give_paper_proportions():
+    s = resolve_schedule((1, 3, 6, 12), (0.05, 0.10, 0.25), "fraction", 400, 10, 12)
+    assert s.starts == (0, 20, 40, 100)
+    assert [s.stage_at(i) for i in (0, 19, 20, 39, 40, 99, 100, 399)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_steps_and_epochs():
+    assert resolve_schedule((3, 6, 12), (5, 9), "step", 20, 4, 12).starts == (0, 5, 9)
+    assert resolve_schedule((3, 6, 12), (1, 2.5), "epoch", 40, 4, 12).starts == (0, 4, 10)
+
+
+@pytest.mark.parametrize(
+    "stages, switch, unit, match",
+    [((3, 3, 12), (0.1, 0.2), "fraction", "strictly increasing"), ((0, 6, 12), (0.1, 0.2), "fraction", ">= 1"),
+     ((1, 3, 6), (0.1, 0.2), "fraction", "end at the model depth"), ((1, 12), (0.1, 0.2), "fraction", "switch points"),
+     ((1, 6, 12), (0.3, 0.2), "fraction", "strictly increasing"), ((1, 6, 12), (0.1, 1.5), "fraction", "inside"),
+     ((1, 6, 12), (5, 500), "step", "inside"), ((1, 12), (0.1,), "weeks", "unit"), ((), (), "fraction", "empty")],
+)
+def test_bad_schedules(stages, switch, unit, match):
+    with pytest.raises(ApolloError, match=match):
+        resolve_schedule(stages, switch, unit, 100, 10, 12)
+
+
+def test_method_defaults_follow_spec():
+    apollo = resolve_method(MethodConfig("apollo"), 12)
+    assert (apollo.stages, apollo.switch, apollo.sampler, apollo.growth) == (
+        (1, 3, 6, 12), (0.05, 0.10, 0.25), "lvps", "interpolation")
+    stack = resolve_method(MethodConfig("stackbert"), 12)
+    assert (stack.stages, stack.sampler, stack.growth) == ((3, 6, 12), "none", "stacking")
+    assert resolve_method(MethodConfig("scratch"), 12).stages == (12,)
+    assert resolve_method(MethodConfig("apollo", sampler="us"), 12).sampler == "us"
+    with pytest.raises(ApolloError, match="unknown method"):
+        resolve_method(MethodConfig("apolo"), 12)
+    with pytest.raises(ApolloError, match="switch"):
+        resolve_method(MethodConfig("apollo", stages=(2, 12)), 12)
