@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import ApolloError, MethodConfig, RunConfig, check, save_yaml
 from .data import load_lm_data
-from .methods import METHODS
+from .methods import METHODS, resolve_method
 from .report import plot_loss_vs_flops, summarize, write_results
 from .train import prepare_run_dir, train
 
@@ -24,6 +24,8 @@ def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False) -> str:
     if m.stages or m.switch or m.sampler or m.growth:
         raise ApolloError("compare runs each method with its defaults; set --stages/--switch/--sampler/--growth "
                           "with apollo train")
+    for name in methods:
+        resolve_method(MethodConfig(name, moments=m.moments), cfg.model.layers)
     out = Path(cfg.out)
     data = load_lm_data(cfg.data, cfg.model, cfg.train.seed)
     prepare_run_dir(out, overwrite)

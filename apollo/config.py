@@ -132,10 +132,10 @@ def _coerce(value, tp, name: str):
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, (list, tuple)):
             value = [value]
+        if item is not str:  # numbers may come as "1,3,6,12" or "1 3 6 12"; paths are never split
+            value = [p for v in value for p in (str(v).replace(",", " ").split() if isinstance(v, str) else [v])]
         return tuple(_coerce(v, item, name) for v in value)
     try:
         if tp is bool:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 
 from .config import ApolloError, MethodConfig
+from .growth import GROWTH, MOMENTS
+from .sampling import SAMPLERS
+from .schedule import check_stages
 
 METHODS = ("scratch", "stackbert", "apollo")
 
@@ -28,13 +31,13 @@ def _defaults(name: str, depth: int) -> MethodConfig:
 
 
 def resolve_method(m: MethodConfig, depth: int) -> MethodConfig:
-    """Fill every empty field with the method's default; explicit fields win."""
+    """Fill every empty field with the method's default (explicit fields win) and check the result."""
     base = _defaults(m.method, depth)
     if m.switch_unit != "fraction" and not m.switch:
         raise ApolloError(f"--switch-unit {m.switch_unit} needs explicit --switch points")
     if m.stages and not m.switch and len(m.stages) != len(base.stages):
         raise ApolloError(f"custom stages {list(m.stages)} need --switch with {len(m.stages) - 1} points")
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         base,
         stages=m.stages or base.stages,
         switch=m.switch if (m.switch or m.stages) else base.switch,
@@ -43,3 +46,9 @@ def resolve_method(m: MethodConfig, depth: int) -> MethodConfig:
         growth=m.growth or base.growth,
         moments=m.moments,
     )
+    for value, allowed, what in ((resolved.sampler, SAMPLERS, "sampler"), (resolved.growth, GROWTH, "growth"),
+                                 (resolved.moments, MOMENTS, "moments policy")):
+        if value not in allowed:
+            raise ApolloError(f"unknown {what} {value!r} (choose from {', '.join(allowed)})")
+    check_stages(resolved.stages, resolved.switch, resolved.switch_unit, depth)
+    return resolved

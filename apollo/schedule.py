@@ -25,9 +25,8 @@ class Schedule:
         return bisect.bisect_right(self.starts, step) - 1
 
 
-def resolve_schedule(stages: tuple[int, ...], switch: tuple[float, ...], unit: str, total_steps: int,
-                     steps_per_epoch: int, depth: int) -> Schedule:
-    """Check the stages and convert switch points to steps."""
+def check_stages(stages: tuple[int, ...], switch: tuple[float, ...], unit: str, depth: int) -> None:
+    """The checks that need no run length: stages increasing from >= 1 to the depth, one switch per boundary."""
     if not stages:
         raise ApolloError("stages must not be empty")
     if stages[0] < 1:
@@ -40,6 +39,12 @@ def resolve_schedule(stages: tuple[int, ...], switch: tuple[float, ...], unit: s
         raise ApolloError(f"{len(stages)} stages need {len(stages) - 1} switch points, got {len(switch)}")
     if unit not in UNITS:
         raise ApolloError(f"unknown switch unit {unit!r} (choose from {', '.join(UNITS)})")
+
+
+def resolve_schedule(stages: tuple[int, ...], switch: tuple[float, ...], unit: str, total_steps: int,
+                     steps_per_epoch: int, depth: int) -> Schedule:
+    """Check the stages and convert switch points to steps."""
+    check_stages(stages, switch, unit, depth)
     scale = {"fraction": total_steps, "step": 1, "epoch": steps_per_epoch}[unit]
     starts = tuple(round(s * scale) for s in switch)
     if any(s <= 0 or s >= total_steps for s in starts):

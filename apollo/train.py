@@ -86,9 +86,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
     """Train one run into ``cfg.out``; returns the run summary (also written to summary.json)."""
     check(cfg)
     m, t = cfg.model, cfg.train
-    method = resolve_method(cfg.method, m.layers)
-    DepthSampler(method.sampler, m.layers, 0)  # validate names before any work
-    layer_map(method.growth, 1, 1)
+    method = resolve_method(cfg.method, m.layers)  # checked before any data is loaded or anything written
     out = Path(cfg.out)
     if data is None:
         data = load_lm_data(cfg.data, m, t.seed)
@@ -141,7 +139,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
                     loss = model(**batch).loss
                 (loss / t.grad_accum).backward()
                 depths.append(depth)
-                loss_sum += float(loss)
+                loss_sum += loss.item()
                 state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len)
             if t.clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
@@ -168,6 +166,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
                             d=depths[-1], tok_s=f"{tokens_per_micro * t.grad_accum / elapsed:.0f}", refresh=False)
 
     model.save_pretrained(out / "model")
+    data.tokenizer.model_max_length = m.seq_len  # so users' tokenizer calls truncate to the position table
     data.tokenizer.save_pretrained(out / "model")
     summary = {"method": method.method, "steps": steps, "tokens": state["tokens"], "flops": state["flops"],
                "wall_s": round(state["wall_s"], 3), "final_val_loss": state["val_loss"], "data": data.source,
