@@ -1,7 +1,7 @@
 # Two targets a newcomer needs. Each creates .venv itself and pins torch==2.13.0 (never an unpinned torch).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_TOKENS ?= 500000
+DEMO_TOKENS ?= 600000
 
 .PHONY: demo test setup
 setup: $(VENV)/.installed
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 # Scratch vs StackBERT vs Apollo on the embedded synthetic corpus (a few minutes on 2 CPU cores).
 demo: setup
 	$(VENV)/bin/apollo compare --preset bert-tiny --methods scratch,stackbert,apollo \
-		--tokens $(DEMO_TOKENS) --eval-every 10 --out runs/demo --overwrite
+		--tokens $(DEMO_TOKENS) --eval-every 20 --eval-blocks 100 --out runs/demo --overwrite
 
 test: setup
 	$(PY) -m pytest

@@ -389,7 +389,10 @@ def load_lm_data(data: DataConfig, model: ModelConfig, seed: int) -> LMData:
     if data.dataset:
         texts = hf_texts(data.dataset, data.dataset_config, "train", text_column=data.text_column)
         if valid_texts is None:
-            valid_texts = hf_texts(data.dataset, data.dataset_config, "validation", text_column=data.text_column)
+            try:
+                valid_texts = hf_texts(data.dataset, data.dataset_config, "validation", text_column=data.text_column)
+            except ApolloError:  # no validation split: hold out the tail of train below
+                valid_texts = None
         source = f"{data.dataset}/{data.dataset_config}" if data.dataset_config else data.dataset
     elif data.data:
         texts = read_text_files(data.data)
