@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Scratch vs StackBERT vs Apollo on the embedded synthetic corpus (a few minutes on 2 CPU cores).
 demo: setup
-	$(VENV)/bin/apollo compare --preset bert-tiny --methods scratch,stackbert,apollo \
+	$(VENV)/bin/apollo compare --preset gpt-tiny --methods scratch,stackbert,apollo \
 		--tokens $(DEMO_TOKENS) --eval-every 20 --eval-blocks 100 --out runs/demo --overwrite
 
 test: setup

@@ -40,6 +40,8 @@ def build_model(m: ModelConfig, live_layers: int, seed: int) -> PreTrainedModel:
     torch.manual_seed(seed)
     cls = BertForMaskedLM if m.arch == "bert" else GPT2LMHeadModel
     model = cls(hf_config(m))
+    if m.arch == "gpt2":
+        model.loss_type = "ForCausalLM"  # HF cannot infer it from the class name and warns; this is its default
     if live_layers < m.layers:
         set_layers(model, nn.ModuleList(list(get_layers(model))[:live_layers]))
     return model

@@ -55,14 +55,14 @@ def total_steps(t: TrainConfig, seq_len: int, steps_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], positions: list[int]) -> float:
+def evaluate(model: nn.Module, batches: list[dict], positions: list[int], mlm: bool) -> float:
     """Mean loss per predicted token over the validation batches, running the layers at ``positions``."""
     model.eval()
     total, count = 0.0, 0
     with shared_layers(model, positions):
         for batch in batches:
-            labels = batch["labels"]
-            n = int((labels != -100).sum()) if model.config.model_type == "bert" else labels[:, 1:].numel()
+            labels = batch["labels"] if mlm else batch["labels"][:, 1:]  # causal LMs predict from position 1
+            n = int((labels != -100).sum())
             total += float(model(**batch).loss) * n
             count += n
     model.train()
@@ -141,13 +141,13 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
                 depths.append(depth)
                 loss_sum += loss.item()
                 state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len)
+            loss = loss_sum / t.grad_accum
+            if not math.isfinite(loss):  # stop before the bad gradients reach the weights
+                raise ApolloError(f"loss is {loss} at step {step}; lower --lr or check the data")
             if t.clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_sum / t.grad_accum
-            if not math.isfinite(loss):
-                raise ApolloError(f"loss is {loss} at step {step}; lower --lr or check the data")
             elapsed = time.perf_counter() - start
             state["wall_s"] += elapsed
             state["tokens"] += tokens_per_micro * t.grad_accum
@@ -156,7 +156,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
                    "wall_s": round(state["wall_s"], 4)})
             if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps:
                 # Validation always runs all L positions; before the last stage, through the current map.
-                state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers))
+                state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers), data.mlm)
                 write({"event": "eval", "step": step + 1, "stage": stage, "live_layers": n_live,
                        "val_loss": state["val_loss"], "tokens": state["tokens"], "flops": state["flops"],
                        "wall_s": round(state["wall_s"], 4)})

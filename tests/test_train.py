@@ -60,7 +60,7 @@ def test_saved_model_reloads_with_from_pretrained(tmp_path, arch):
     batches = valid_batches(data.valid, 8, data.tokenizer, data.mlm, 0.15, cfg.train.seed, 16)
     from apollo.train import evaluate
 
-    assert abs(evaluate(model, batches, list(range(12))) - records(tmp_path / f"{arch}-apollo", "eval")[-1][
+    assert abs(evaluate(model, batches, list(range(12)), data.mlm) - records(tmp_path / f"{arch}-apollo", "eval")[-1][
         "val_loss"]) < 1e-4
 
 
@@ -72,6 +72,15 @@ def test_same_seed_is_deterministic(tmp_path):
     la = [(s["loss"], s["depth"]) for s in records(tmp_path / "a" / "gpt2-apollo", "step")]
     lb = [(s["loss"], s["depth"]) for s in records(tmp_path / "b" / "gpt2-apollo", "step")]
     assert la == lb
+
+
+def test_gradient_accumulation_draws_one_depth_per_micro_batch(tmp_path):
+    cfg = tiny_run(tmp_path, "gpt2", steps=20, grad_accum=2)
+    train(cfg)
+    steps = records(tmp_path / "gpt2-apollo", "step")
+    assert all(len(s["depth"]) == 2 for s in steps)
+    assert steps[-1]["tokens"] == 20 * 2 * 8 * 16
+    assert len({tuple(s["depth"]) for s in steps if s["live_layers"] < 12}) > 1  # depths vary across draws
 
 
 def test_lr_schedule_warmup_cosine_not_restarted():
