@@ -385,21 +385,30 @@ def load_lm_data(data: DataConfig, model: ModelConfig, seed: int) -> LMData:
     different training seeds share one corpus and one train/valid split; ``seed`` is accepted for the trainer's API.
     """
     del seed
-    valid_texts = read_text_files(data.valid) if data.valid else None
     if data.dataset:
-        texts = hf_texts(data.dataset, data.dataset_config, "train", text_column=data.text_column)
-        if valid_texts is None:
+        # --data / --valid, when given, are the dataset's data_files (e.g. --dataset json --data train.jsonl).
+        def split(name: str, files: tuple[str, ...]) -> list[str]:
+            return hf_texts(data.dataset, data.dataset_config, name, data_files=list(files) or None,
+                            text_column=data.text_column)
+
+        texts = split("train", data.data)
+        if data.valid:
+            valid_texts = split("train", data.valid)
+        else:
             try:
-                valid_texts = hf_texts(data.dataset, data.dataset_config, "validation", text_column=data.text_column)
+                valid_texts = None if data.data else split("validation", ())
             except ApolloError:  # no validation split: hold out the tail of train below
                 valid_texts = None
         source = f"{data.dataset}/{data.dataset_config}" if data.dataset_config else data.dataset
-    elif data.data:
-        texts = read_text_files(data.data)
-        source = ", ".join(data.data)
+        if data.data:
+            source += f" ({', '.join(data.data)})"
     else:
-        texts = synthetic_corpus(data.synthetic_sentences, seed=0)
-        source = f"synthetic English-like corpus ({data.synthetic_sentences} sentences, generated; not real text)"
+        if data.data:
+            texts, source = read_text_files(data.data), ", ".join(data.data)
+        else:
+            texts = synthetic_corpus(data.synthetic_sentences, seed=0)
+            source = f"synthetic English-like corpus ({data.synthetic_sentences} sentences, generated; not real text)"
+        valid_texts = read_text_files(data.valid) if data.valid else None
     if data.valid:
         source += f"; validation: {', '.join(data.valid)}"
 

@@ -327,3 +327,14 @@ def test_load_lm_data_synthetic_default_and_nothing_left_to_train():
     n_tokens = sum(len(r) + 1 for r in train_tokenizer(texts, "gpt2", 300)(texts)["input_ids"])
     with pytest.raises(ApolloError, match="nothing left to train"):
         load_lm_data(DataConfig(synthetic_sentences=4), ModelConfig(arch="gpt2", vocab=300, seq_len=n_tokens), seed=0)
+
+
+def test_load_lm_data_through_datasets_text_loader_matches_local_files(tmp_path):
+    """The `datasets` route (--dataset text --data FILE) gives the same blocks as reading the file directly."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(synthetic_corpus(400)), encoding="utf-8")
+    model = ModelConfig(arch="gpt2", vocab=300, seq_len=16, layers=2, hidden=16, heads=2, ffn=32)
+    local = load_lm_data(DataConfig(data=(str(path),)), model, seed=0)
+    via_hf = load_lm_data(DataConfig(dataset="text", data=(str(path),)), model, seed=0)
+    assert torch.equal(local.train, via_hf.train) and torch.equal(local.valid, via_hf.valid)
+    assert via_hf.source.startswith("text (")
