@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import typing
 
@@ -32,17 +33,19 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     for section in SECTIONS:
         group = parser.add_argument_group(section)
-        for name, tp in section_fields(section).items():
-            if name in skip:
+        hints = section_fields(section)
+        for f in dataclasses.fields(typing.get_type_hints(RunConfig)[section]):
+            if f.name in skip:
                 continue
-            flag = "--" + name.replace("_", "-")
-            dest = f"{section}.{name}"
+            tp = hints[f.name]
+            kw = {"dest": f"{section}.{f.name}", "default": None, "help": f.metadata.get("help")}
+            flag = "--" + f.name.replace("_", "-")
             if tp is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             elif typing.get_origin(tp) is tuple:
-                group.add_argument(flag, dest=dest, nargs="+", default=None, metavar="V")
+                group.add_argument(flag, nargs="+", metavar="V", **kw)
             else:
-                group.add_argument(flag, dest=dest, default=None, metavar=tp.__name__.upper())
+                group.add_argument(flag, metavar=tp.__name__.upper(), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

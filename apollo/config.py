@@ -19,62 +19,67 @@ class ApolloError(ValueError):
     """A problem with the user's input: reported as one line with exit code 2."""
 
 
+def _f(default, help_: str):
+    """A config field with its CLI help text."""
+    return field(default=default, metadata={"help": help_})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "bert"  # bert (masked LM, post-LN) | gpt2 (causal LM, pre-LN)
-    layers: int = 12  # target depth L
-    hidden: int = 128
-    heads: int = 4
-    ffn: int = 512
-    vocab: int = 4096
-    seq_len: int = 128
-    dropout: float = 0.0
+    arch: str = _f("bert", "bert (masked LM, post-LN) | gpt2 (causal LM, pre-LN)")
+    layers: int = _f(12, "target depth L")
+    hidden: int = _f(128, "hidden size")
+    heads: int = _f(4, "attention heads")
+    ffn: int = _f(512, "feed-forward width")
+    vocab: int = _f(4096, "vocabulary size (the tokenizer is trained to at most this)")
+    seq_len: int = _f(128, "tokens per block (also the position table size)")
+    dropout: float = _f(0.0, "dropout probability")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    method: str = "apollo"  # scratch | stackbert | apollo
-    stages: tuple[int, ...] = ()  # live layers per stage; empty = the method's default
-    switch: tuple[float, ...] = ()  # where each later stage starts; empty = the method's default
-    switch_unit: str = "fraction"  # fraction (of the run) | step | epoch
-    sampler: str = ""  # lvps | es | us | fs | none; empty = the method's default
-    growth: str = ""  # interpolation | stacking; empty = the method's default
-    moments: str = "copy"  # AdamW state of new layers: copy (from the source layer) | reset
+    method: str = _f("apollo", "scratch | stackbert | apollo")
+    stages: tuple[int, ...] = _f((), "live layers per stage; empty = the method's default")
+    switch: tuple[float, ...] = _f((), "where each later stage starts; empty = the method's default")
+    switch_unit: str = _f("fraction", "fraction (of the run) | step | epoch")
+    sampler: str = _f("", "lvps | es | us | fs | none; empty = the method's default")
+    growth: str = _f("", "interpolation | stacking; empty = the method's default")
+    moments: str = _f("copy", "AdamW state of new layers: copy (from the source layer) | reset")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step (one depth drawn per micro-batch)
-    steps: int = 0  # run length: the first of steps / tokens / epochs that is > 0
-    tokens: int = 0
-    epochs: float = 0.0
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup: float = 0.025  # fraction of the run
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    clip: float = 1.0  # max gradient norm (0 = off)
-    eval_every: int = 50  # steps between validation passes at full depth
-    eval_blocks: int = 200  # validation blocks per pass (0 = all)
-    seed: int = 0
-    threads: int = 0  # torch threads (0 = torch's default)
-    progress: bool = True
+    batch_size: int = _f(16, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (one depth drawn per micro-batch)")
+    steps: int = _f(0, "run length: the first of steps / tokens / epochs that is > 0")
+    tokens: int = _f(0, "run length in tokens")
+    epochs: float = _f(0.0, "run length in epochs over the training blocks")
+    lr: float = _f(1e-3, "peak learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay (none on biases and LayerNorm)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    warmup: float = _f(0.025, "linear warmup, as a fraction of the run")
+    min_lr_ratio: float = _f(0.1, "cosine decays to lr * min_lr_ratio")
+    clip: float = _f(1.0, "max gradient norm (0 = off)")
+    eval_every: int = _f(50, "steps between validation passes at full depth")
+    eval_blocks: int = _f(200, "validation blocks per pass (0 = all)")
+    seed: int = _f(0, "seed for init, data order, masks and depth draws")
+    threads: int = _f(0, "torch threads (0 = torch's default)")
+    progress: bool = _f(True, "show a progress bar")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: tuple[str, ...] = ()  # local text files; none (and no dataset) = the synthetic demo corpus
-    valid: tuple[str, ...] = ()  # separate validation files; none = hold out valid_fraction of blocks
-    dataset: str = ""  # a `datasets` name (e.g. wikitext), for users with internet
-    dataset_config: str = ""  # e.g. wikitext-103-raw-v1
-    text_column: str = "text"
-    valid_fraction: float = 0.05
-    tokenizer: str = ""  # a saved HF tokenizer directory; empty = train one on the training text
-    synthetic_sentences: int = 60000
-    mlm_probability: float = 0.15
+    data: tuple[str, ...] = _f((), "local text files; none (and no dataset) = the synthetic demo corpus")
+    valid: tuple[str, ...] = _f((), "separate validation files; none = hold out valid_fraction of blocks")
+    dataset: str = _f("", "a `datasets` name (e.g. wikitext), for users with internet")
+    dataset_config: str = _f("", "e.g. wikitext-103-raw-v1")
+    text_column: str = _f("text", "text column of a datasets dataset")
+    valid_fraction: float = _f(0.05, "fraction of blocks held out for validation when no --valid is given")
+    tokenizer: str = _f("", "a saved HF tokenizer directory; empty = train one on the training text")
+    synthetic_sentences: int = _f(60000, "size of the built-in synthetic corpus")
+    mlm_probability: float = _f(0.15, "masked-LM masking rate (80/10/10)")
 
 
 @dataclass(frozen=True)
