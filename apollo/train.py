@@ -37,7 +37,11 @@ def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
-    """Linear warmup then cosine decay to ``lr * min_lr_ratio``, over the whole run (never restarted)."""
+    """Linear warmup then cosine decay to ``lr * min_lr_ratio``, over the whole run (never restarted).
+
+    A plain function of the step, not a scheduler object: the optimizer is rebuilt at every growth, and
+    a scheduler bound to the old one would have to be rebuilt and fast-forwarded with it.
+    """
     warmup = max(1, round(t.warmup * total_steps))
     if step < warmup:
         return t.lr * (step + 1) / warmup

@@ -329,8 +329,11 @@ def test_load_lm_data_synthetic_default_and_nothing_left_to_train():
         load_lm_data(DataConfig(synthetic_sentences=4), ModelConfig(arch="gpt2", vocab=300, seq_len=n_tokens), seed=0)
 
 
-def test_load_lm_data_through_datasets_text_loader_matches_local_files(tmp_path):
+def test_load_lm_data_through_datasets_text_loader_matches_local_files(tmp_path, monkeypatch):
     """The `datasets` route (--dataset text --data FILE) gives the same blocks as reading the file directly."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # keep ~/.cache clean
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(synthetic_corpus(400)), encoding="utf-8")
     model = ModelConfig(arch="gpt2", vocab=300, seq_len=16, layers=2, hidden=16, heads=2, ffn=32)
