@@ -109,3 +109,22 @@ def test_unknown_model_type_raises():
         layer_flops(LlamaConfig(), TOKENS, SEQ)
     with pytest.raises(ValueError, match="depth"):
         forward_flops(make_config("bert", 1), -1, TOKENS, SEQ)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("live, depth", [(1, 5), (3, 8), (6, 12)])
+def test_shared_layer_step_costs_its_executed_depth(arch, live, depth):
+    """What the trainer counts for a step at depth d with N live layers is what that step executes."""
+    from apollo.growth import layer_map, shared_layers
+    from apollo.models import get_layers, set_layers
+
+    torch.manual_seed(0)
+    model = (BertForMaskedLM if arch == "bert" else GPT2LMHeadModel)(make_config(arch, live))
+    set_layers(model, torch.nn.ModuleList(list(get_layers(model))[:live]))
+    ids = torch.randint(5, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        with shared_layers(model, layer_map("interpolation", live, depth)):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    expected = train_flops(model.config, depth, TOKENS, SEQ)
+    assert abs(counter.get_total_flops() - expected) <= REL_TOL * expected
