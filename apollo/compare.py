@@ -15,9 +15,11 @@ from .train import prepare_run_dir, train
 def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False) -> str:
     """Train each method into ``cfg.out/<method>`` and write results.md/.csv and loss_vs_flops.png."""
     check(cfg)
+    if not methods:
+        raise ApolloError(f"--methods is empty (choose from {', '.join(METHODS)})")
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ApolloError(f"unknown method {unknown[0] if unknown else ''!r} (choose from {', '.join(METHODS)})")
+    if unknown:
+        raise ApolloError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
     if len(set(methods)) != len(methods):
         raise ApolloError(f"--methods lists a method twice: {','.join(methods)}")
     m = cfg.method
