@@ -498,15 +498,16 @@ class Batches:
 
 def valid_batches(blocks: torch.Tensor, batch_size: int, tokenizer: PreTrainedTokenizerBase, mlm: bool,
                   mlm_probability: float, seed: int, max_blocks: int) -> list[dict[str, torch.Tensor]]:
-    """The first max_blocks (0 = all) validation blocks in order, batched, with fixed seeded masks."""
+    """The first max_blocks (0 = all) validation blocks in order, batched, with fixed seeded masks.
+
+    Each block's mask is seeded by (seed, block index), so the validation set is the same for any batch size.
+    """
     if batch_size < 1:
         raise ApolloError(f"batch_size must be >= 1, got {batch_size}")
     blocks = blocks[:max_blocks] if max_blocks > 0 else blocks
     collator = _mlm_collator(tokenizer, mlm_probability) if mlm else None
     special = _special_mask(blocks, tokenizer) if mlm else None
-    out = []
-    for i, start in enumerate(range(0, len(blocks), batch_size)):
-        rows = slice(start, start + batch_size)
-        out.append(_make_batch(blocks[rows].clone(), None if special is None else special[rows], collator,
-                               _derive_seed("valid", seed, i)))
-    return out
+    single = [_make_batch(blocks[i : i + 1].clone(), None if special is None else special[i : i + 1], collator,
+                          _derive_seed("valid", seed, i)) for i in range(len(blocks))]
+    return [{k: torch.cat([b[k] for b in single[s : s + batch_size]]) for k in single[0]}
+            for s in range(0, len(single), batch_size)]

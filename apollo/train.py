@@ -97,7 +97,8 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
     if t.threads:
         torch.set_num_threads(t.threads)
     batches = Batches(data.train, t.batch_size, t.seed, data.tokenizer, data.mlm, cfg.data.mlm_probability)
-    valid = valid_batches(data.valid, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, t.seed,
+    # Validation masks use a fixed seed, so runs with different training seeds score the same validation set.
+    valid = valid_batches(data.valid, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0,
                           t.eval_blocks)
     steps = total_steps(t, m.seq_len, batches.steps_per_epoch)
     schedule = resolve_schedule(method.stages, method.switch, method.switch_unit, steps, batches.steps_per_epoch,

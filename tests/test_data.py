@@ -341,3 +341,14 @@ def test_load_lm_data_through_datasets_text_loader_matches_local_files(tmp_path,
     via_hf = load_lm_data(DataConfig(dataset="text", data=(str(path),)), model, seed=0)
     assert torch.equal(local.train, via_hf.train) and torch.equal(local.valid, via_hf.valid)
     assert via_hf.source.startswith("text (")
+
+
+def test_validation_masks_do_not_depend_on_batch_size():
+    texts = synthetic_corpus(300)
+    tok = train_tokenizer(texts, "bert", 300)
+    blocks = pack_blocks(texts, tok, 16, "bert")[:10]
+    a = valid_batches(blocks, 3, tok, True, 0.15, 0, 0)
+    b = valid_batches(blocks, 5, tok, True, 0.15, 0, 0)
+    for key in ("input_ids", "labels"):
+        assert torch.equal(torch.cat([x[key] for x in a]), torch.cat([x[key] for x in b]))
+    assert [len(x["input_ids"]) for x in a] == [3, 3, 3, 1]

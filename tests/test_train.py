@@ -57,7 +57,7 @@ def test_saved_model_reloads_with_from_pretrained(tmp_path, arch):
     # the saved weights are the trained ones: validation loss recomputed from the reload matches the log
     from apollo.data import load_lm_data, valid_batches
     data = load_lm_data(cfg.data, cfg.model, cfg.train.seed)
-    batches = valid_batches(data.valid, 8, data.tokenizer, data.mlm, 0.15, cfg.train.seed, 16)
+    batches = valid_batches(data.valid, 8, data.tokenizer, data.mlm, 0.15, 0, 16)
     from apollo.train import evaluate
 
     assert abs(evaluate(model, batches, list(range(12)), data.mlm) - records(tmp_path / f"{arch}-apollo", "eval")[-1][
