@@ -23,9 +23,20 @@ ES_STEEPNESS = 20.0
 SAMPLERS = ("lvps", "es", "us", "fs", "none")
 
 
-def _ends(n_live: int, depth: int) -> tuple[float, float, float]:
-    rho = depth / n_live
-    return rho, rho + B_OFFSET, E
+def _check(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ApolloError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+
+
+def _ends(n_live: int, depth: int) -> tuple[float, float]:
+    """``b`` (y at x_min) and ``e`` (y at 1) for ``rho = depth / n_live``."""
+    return depth / n_live + B_OFFSET, E
+
+
+def _lvps_coeffs(b: float, e: float) -> tuple[float, float]:
+    """``(n, m)`` of Eq. 7-10: ``n = (b x_min - e) / (e - b)``, ``m = e (n + 1)``."""
+    n = (b * X_MIN - e) / (e - b)
+    return n, e * (n + 1)
 
 
 def lvps_y(x: torch.Tensor, n_live: int, depth: int) -> torch.Tensor:
@@ -34,15 +45,13 @@ def lvps_y(x: torch.Tensor, n_live: int, depth: int) -> torch.Tensor:
     ``n = (b * x_min - e) / (e - b)``, ``m = e * (n + 1)``; the density of ``y`` is ``m / y^2``, so
     the low (cheap) depths get most of the mass ("low-value prioritized").
     """
-    _, b, e = _ends(n_live, depth)
-    n = (b * X_MIN - e) / (e - b)
-    m = e * (n + 1)
+    n, m = _lvps_coeffs(*_ends(n_live, depth))
     return m / (x + n)
 
 
 def es_y(x: torch.Tensor, n_live: int, depth: int) -> torch.Tensor:
     """ES (edge sampling, Table 1): a logistic step ``y = (b - e) / (1 + exp(k (x - 1/2))) + e``, k = 20."""
-    _, b, e = _ends(n_live, depth)
+    b, e = _ends(n_live, depth)
     return (b - e) / (1 + torch.exp(ES_STEEPNESS * (x - 0.5))) + e
 
 
@@ -51,21 +60,20 @@ _CURVES = {"lvps": lvps_y, "es": es_y}
 
 def _inverse(sampler: str, y: float, n_live: int, depth: int) -> float:
     """The ``x`` at which the (decreasing) curve equals ``y``; used for the analytic distribution."""
-    _, b, e = _ends(n_live, depth)
+    b, e = _ends(n_live, depth)
     if y >= b:
         return X_MIN
     if y <= e:
         return 1.0
     if sampler == "lvps":
-        n = (b * X_MIN - e) / (e - b)
-        return (e * (n + 1)) / y - n
+        n, m = _lvps_coeffs(b, e)
+        return m / y - n
     return 0.5 + math.log((b - e) / (y - e) - 1) / ES_STEEPNESS
 
 
 def sample_depths(sampler: str, n_live: int, depth: int, generator: torch.Generator, size: int = 1) -> torch.Tensor:
     """``size`` depth draws for a stage with ``n_live`` live layers and target depth ``depth`` (L)."""
-    if sampler not in SAMPLERS:
-        raise ApolloError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    _check(sampler)
     if not 1 <= n_live <= depth:
         raise ApolloError(f"live layers {n_live} must be in [1, {depth}]")
     if sampler == "fs":
@@ -81,8 +89,7 @@ def sample_depths(sampler: str, n_live: int, depth: int, generator: torch.Genera
 
 def depth_distribution(sampler: str, n_live: int, depth: int) -> dict[int, float]:
     """The analytic probability of each depth ``d`` in ``[n_live, depth]`` (for tests and FLOP budgets)."""
-    if sampler not in SAMPLERS:
-        raise ApolloError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    _check(sampler)
     ds = range(n_live, depth + 1)
     if sampler == "fs" or n_live == depth:
         return {d: float(d == depth) for d in ds}
@@ -103,8 +110,7 @@ class DepthSampler:
     """A seeded depth sampler whose generator state is part of the run state (checkpointable)."""
 
     def __init__(self, sampler: str, depth: int, seed: int):
-        if sampler not in SAMPLERS:
-            raise ApolloError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        _check(sampler)
         self.sampler, self.depth = sampler, depth
         self.generator = torch.Generator().manual_seed(seed)
 
