@@ -73,6 +73,7 @@ class TrainConfig:
 class DataConfig:
     data: tuple[str, ...] = _f((), "local text files; none (and no dataset) = the synthetic demo corpus")
     valid: tuple[str, ...] = _f((), "separate validation files; none = hold out valid_fraction of blocks")
+    test: tuple[str, ...] = _f((), "test files, scored once at the end of the run (all blocks, full depth)")
     dataset: str = _f("", "a `datasets` name (e.g. wikitext), for users with internet")
     dataset_config: str = _f("", "e.g. wikitext-103-raw-v1")
     text_column: str = _f("text", "text column of a datasets dataset")

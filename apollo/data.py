@@ -361,6 +361,7 @@ class LMData:
     valid: torch.Tensor  # [n_valid, seq_len]
     mlm: bool  # masked LM (bert) vs causal LM (gpt2)
     source: str  # human description of where the text came from
+    test: torch.Tensor | None = None  # [n_test, seq_len], scored once at the end; None = no test files
 
 
 def _load_tokenizer(path: str, model: ModelConfig) -> PreTrainedTokenizerBase:
@@ -425,7 +426,10 @@ def load_lm_data(data: DataConfig, model: ModelConfig, seed: int) -> LMData:
             raise ApolloError(f"corpus packs into {len(blocks)} blocks of {model.seq_len}: nothing left to train on "
                               f"after holding out {n_valid} for validation")
         train, valid = blocks[:-n_valid], blocks[-n_valid:]
-    return LMData(tokenizer=tok, train=train, valid=valid, mlm=model.arch == "bert", source=source)
+    test = pack_blocks(read_text_files(data.test), tok, model.seq_len, model.arch) if data.test else None
+    if data.test:
+        source += f"; test: {', '.join(data.test)}"
+    return LMData(tokenizer=tok, train=train, valid=valid, mlm=model.arch == "bert", source=source, test=test)
 
 
 # ---- batches ---------------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ the forward FLOPs per token are:
   attention-weighted values ``2 * 2*s*h`` over the full ``s x s`` matrices (no causal discount: the
   implementation computes the full matrices, GPT-2 masks them afterwards); FFN ``2 * 2*h*f``.
   The number of heads does not change these counts;
-* LM head at every position (both implementations compute it everywhere, not only at labelled
-  positions): BERT ``BertForMaskedLM`` head transform dense ``2*h*h`` plus decoder ``2*V*h``;
-  GPT-2 ``GPT2LMHeadModel`` ``lm_head`` ``2*V*h``.
+* LM head at every position it is computed on: BERT ``BertForMaskedLM`` head transform dense
+  ``2*h*h`` plus decoder ``2*V*h``; GPT-2 ``GPT2LMHeadModel`` ``lm_head`` ``2*V*h``. HF computes it at
+  every position; apollo's training loop (``models.lm_loss``) runs BERT's head only at the masked
+  positions, so callers pass ``head_tokens`` = the number of labelled positions there.
 
 A training step is forward + backward, backward = 2 x forward (gradients w.r.t. inputs and weights),
 so a step costs 3 x forward.
@@ -48,19 +49,20 @@ def layer_flops(config: Any, tokens: int, seq_len: int) -> int:
 
 
 def fixed_flops(config: Any, tokens: int) -> int:
-    """Forward FLOPs of everything outside the layers: embeddings (0) and the LM head at every position."""
+    """Forward FLOPs of everything outside the layers: embeddings (0) and the LM head over ``tokens`` positions."""
     kind, h, _, vocab = _dims(config)
     head = 2 * vocab * h + (2 * h * h if kind == "bert" else 0)
     return tokens * head
 
 
-def forward_flops(config: Any, depth: int, tokens: int, seq_len: int) -> int:
-    """Forward FLOPs of a model executing ``depth`` layers."""
+def forward_flops(config: Any, depth: int, tokens: int, seq_len: int, head_tokens: int | None = None) -> int:
+    """Forward FLOPs of a model executing ``depth`` layers; the head runs at ``head_tokens`` (default: all)."""
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
-    return depth * layer_flops(config, tokens, seq_len) + fixed_flops(config, tokens)
+    head = tokens if head_tokens is None else head_tokens
+    return depth * layer_flops(config, tokens, seq_len) + fixed_flops(config, head)
 
 
-def train_flops(config: Any, depth: int, tokens: int, seq_len: int) -> int:
+def train_flops(config: Any, depth: int, tokens: int, seq_len: int, head_tokens: int | None = None) -> int:
     """FLOPs of one training step (forward + backward = 3 x forward) executing ``depth`` layers."""
-    return 3 * forward_flops(config, depth, tokens, seq_len)
+    return 3 * forward_flops(config, depth, tokens, seq_len, head_tokens)

@@ -7,6 +7,7 @@ counter all work through ``get_layers`` / ``set_layers``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
@@ -83,3 +84,21 @@ def renumber_layers(layers: nn.ModuleList) -> None:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = i
+
+
+def lm_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], mlm: bool) -> torch.Tensor:
+    """The LM loss of ``batch``; for MLM the prediction head runs only over the masked positions.
+
+    HF's ``BertForMaskedLM`` applies its head (dense h x h + LayerNorm + h x V decoder) at every
+    position and then ignores ~85% of them in the loss. Selecting the labelled positions first gives
+    the same loss (the head is per-position) for ~15% of the head's cost, which matters for growth
+    schedules: the head is a fixed cost that does not shrink with the executed depth.
+    """
+    if not mlm:
+        return model(**batch).loss
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.base_model(**inputs).last_hidden_state
+    keep = labels != -100
+    logits = model.cls(hidden[keep])
+    return F.cross_entropy(logits, labels[keep], reduction="sum") / keep.sum().clamp(min=1)

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from .data import Batches, LMData, load_lm_data, valid_batches
 from .flops import train_flops
 from .growth import grow, layer_map, shared_layers
 from .methods import resolve_method
-from .models import build_model, get_layers
+from .models import build_model, get_layers, lm_loss
 from .sampling import DepthSampler
 from .schedule import resolve_schedule
 
@@ -67,7 +68,7 @@ def evaluate(model: nn.Module, batches: list[dict], positions: list[int], mlm: b
         for batch in batches:
             labels = batch["labels"] if mlm else batch["labels"][:, 1:]  # causal LMs predict from position 1
             n = int((labels != -100).sum())
-            total += float(model(**batch).loss) * n
+            total += float(lm_loss(model, batch, mlm)) * n
             count += n
     model.train()
     return total / max(1, count)
@@ -86,8 +87,16 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -> dict:
-    """Train one run into ``cfg.out``; returns the run summary (also written to summary.json)."""
+GrowHook = Callable[[str, int, nn.Module, list[int]], None]
+
+
+def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, on_grow: GrowHook | None = None) -> dict:
+    """Train one run into ``cfg.out``; returns the run summary (also written to summary.json).
+
+    ``on_grow(when, step, model, positions)``, if given, is called with ``when="before"`` just before and
+    ``"after"`` just after each growth, ``positions`` being the full-depth layer map at that moment (used by
+    the stability study to measure the model on both sides of an expansion; it must not change the model).
+    """
     check(cfg)
     m, t = cfg.model, cfg.train
     method = resolve_method(cfg.method, m.layers)  # checked before any data is loaded or anything written
@@ -126,10 +135,14 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
             if schedule.stage_at(step) != stage:
                 stage = schedule.stage_at(step)
                 n_old = len(get_layers(model))
+                if on_grow:
+                    on_grow("before", step, model, layer_map(method.growth, n_old, m.layers))
                 optimizer, source = grow(model, optimizer, schedule.stages[stage], method.growth, method.moments,
                                          lambda mod: make_optimizer(mod, t))
                 write({"event": "grow", "step": step, "from": n_old, "to": schedule.stages[stage],
                        "growth": method.growth, "source": source, "moments": method.moments})
+                if on_grow:
+                    on_grow("after", step, model, layer_map(method.growth, schedule.stages[stage], m.layers))
                 bar.write(f"[{method.method}] step {step}: grew {n_old} -> {schedule.stages[stage]} live layers "
                           f"({method.growth}, moments {method.moments}); optimizer rebuilt")
             n_live = schedule.stages[stage]
@@ -141,11 +154,13 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
                 depth = sampler(n_live)
                 batch = batches.batch(step * t.grad_accum + micro)
                 with shared_layers(model, layer_map(method.growth, n_live, depth)):
-                    loss = model(**batch).loss
+                    loss = lm_loss(model, batch, data.mlm)
                 (loss / t.grad_accum).backward()
                 depths.append(depth)
                 loss_sum += loss.item()
-                state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len)
+                # The MLM head runs only at masked positions (lm_loss), a causal LM's at every position.
+                head_tokens = int((batch["labels"] != -100).sum()) if data.mlm else tokens_per_micro
+                state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len, head_tokens)
             loss = loss_sum / t.grad_accum
             if not math.isfinite(loss):  # stop before the bad gradients reach the weights
                 raise ApolloError(f"loss is {loss} at step {step}; lower --lr or check the data")
@@ -170,11 +185,20 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False) -
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{state['val_loss']:.3f}", stage=f"{stage}:{n_live}L",
                             d=depths[-1], tok_s=f"{tokens_per_micro * t.grad_accum / elapsed:.0f}", refresh=False)
 
+    full = layer_map(method.growth, len(get_layers(model)), m.layers)
+    test_loss = None
+    if data.test is not None:  # scored once, at the end, on every test block
+        test = valid_batches(data.test, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0, 0)
+        test_loss = evaluate(model, test, full, data.mlm)
+        write_line = json.dumps({"event": "test", "step": steps, "test_loss": test_loss, "blocks": len(data.test)})
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:
+            log.write(write_line + "\n")
     model.save_pretrained(out / "model")
     data.tokenizer.model_max_length = m.seq_len  # so users' tokenizer calls truncate to the position table
     data.tokenizer.save_pretrained(out / "model")
     summary = {"method": method.method, "steps": steps, "tokens": state["tokens"], "flops": state["flops"],
-               "wall_s": round(state["wall_s"], 3), "final_val_loss": state["val_loss"], "data": data.source,
+               "wall_s": round(state["wall_s"], 3), "tokens_per_s": round(state["tokens"] / max(state["wall_s"], 1e-9)),
+               "final_val_loss": state["val_loss"], "test_loss": test_loss, "data": data.source,
                "layers": len(get_layers(model))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

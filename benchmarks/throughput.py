@@ -20,7 +20,7 @@ from apollo.config import preset
 from apollo.data import Batches, pack_blocks, synthetic_corpus, train_tokenizer
 from apollo.flops import fixed_flops, forward_flops
 from apollo.growth import layer_map, shared_layers
-from apollo.models import build_model, hf_config
+from apollo.models import build_model, hf_config, lm_loss
 from apollo.train import make_optimizer
 
 
@@ -37,7 +37,7 @@ def measure(name: str, live: int, depth: int, steps: int, warmup: int) -> dict:
     for i in range(warmup + steps):
         start = time.perf_counter()
         with shared_layers(model, positions):
-            loss = model(**batches.batch(i)).loss
+            loss = lm_loss(model, batches.batch(i), m.arch == "bert")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -128,3 +128,22 @@ def test_shared_layer_step_costs_its_executed_depth(arch, live, depth):
         loss.backward()
     expected = train_flops(model.config, depth, TOKENS, SEQ)
     assert abs(counter.get_total_flops() - expected) <= REL_TOL * expected
+
+
+def test_sparse_mlm_head_flops_match_flop_counter():
+    """apollo's MLM loss runs BERT's head only at masked positions; the formula counts exactly those."""
+    from apollo.models import lm_loss
+
+    torch.manual_seed(0)
+    config = make_config("bert", 3)
+    model = BertForMaskedLM(config).train()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::5] = ids[:, ::5]  # 7 of 32 positions per row are predicted
+    head_tokens = int((labels != -100).sum())
+    counter = FlopCounterMode(display=False)
+    with counter:
+        lm_loss(model, {"input_ids": ids, "labels": labels}, mlm=True).backward()
+    got = counter.get_total_flops()
+    assert rel_err(train_flops(config, 3, TOKENS, SEQ, head_tokens), got) < REL_TOL
+    assert train_flops(config, 3, TOKENS, SEQ, head_tokens) < train_flops(config, 3, TOKENS, SEQ)
