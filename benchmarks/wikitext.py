@@ -1,0 +1,128 @@
+"""Real-data benchmark: Scratch vs StackBERT vs Apollo and Apollo's ablations on WikiText-2.
+
+Every run shares the preset, seed, data order, token budget and learning-rate schedule; only the method
+differs. Variants (paper Fig. 7 and Table 3):
+
+* ``scratch``, ``stackbert``, ``apollo`` - the three methods with their spec defaults;
+* ``apollo-es`` / ``apollo-us`` / ``apollo-fs`` / ``apollo-none`` - Apollo with another depth sampler;
+* ``apollo-stacking`` - Apollo with stacking instead of interpolation.
+
+A finished run (its ``summary.json`` exists and its config is the one asked for) is kept, so a benchmark
+cut short is resumed by running the same command again; an unfinished run is trained again from its start,
+never reported half-done. Writes ``results.md/.csv``, ``loss_vs_flops.png``, ``loss_vs_wall.png`` and a
+depth histogram per growth run into ``--out``, plus ``benchmark.json`` (command, machine, wall time).
+
+    python benchmarks/wikitext.py --preset gpt-tiny --data-dir PATH/wikitext-2 --tokens 2000000 \\
+        --out benchmarks/results/wikitext2-gpt-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, load_yaml, preset, to_dict
+from apollo.data import load_lm_data
+from apollo.methods import resolve_method
+from apollo.train import train
+
+VARIANTS = {
+    "scratch": MethodConfig("scratch"),
+    "stackbert": MethodConfig("stackbert"),
+    "apollo": MethodConfig("apollo"),
+    "apollo-none": MethodConfig("apollo", sampler="none"),
+    "apollo-stacking": MethodConfig("apollo", growth="stacking"),
+    "apollo-es": MethodConfig("apollo", sampler="es"),
+    "apollo-us": MethodConfig("apollo", sampler="us"),
+    "apollo-fs": MethodConfig("apollo", sampler="fs"),
+}
+FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The shared configuration of every run: the preset, with the benchmark's overrides."""
+    cfg = preset(args.preset)
+    m = cfg.model
+    if args.hidden:
+        m = dataclasses.replace(m, hidden=args.hidden, ffn=4 * args.hidden, heads=max(1, args.hidden // 32))
+    t = dataclasses.replace(cfg.train, tokens=args.tokens, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
+                            seed=args.seed, threads=args.threads, progress=not args.no_progress,
+                            **({"lr": args.lr} if args.lr else {}))
+    d = Path(args.data_dir)
+    data = DataConfig(data=(str(d / FILES["train"]),), valid=(str(d / FILES["valid"]),),
+                      test=(str(d / FILES["test"]),))
+    return dataclasses.replace(cfg, model=m, train=t, data=data)
+
+
+def finished(run_dir: Path, cfg: RunConfig) -> bool:
+    """True when ``run_dir`` holds a completed run of exactly ``cfg`` (method resolved as train() saves it)."""
+    if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
+        return False
+    def result_fields(c: RunConfig) -> dict:  # threads and the progress bar do not change a run's result
+        return to_dict(dataclasses.replace(c, train=dataclasses.replace(c.train, threads=0, progress=False)))
+
+    resolved = dataclasses.replace(cfg, method=resolve_method(cfg.method, cfg.model.layers))
+    return result_fields(load_yaml(run_dir / "config.yaml")) == result_fields(resolved)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gpt-tiny", choices=["bert-tiny", "gpt-tiny"])
+    ap.add_argument("--data-dir", required=True, help="directory with WikiText-2's " + ", ".join(FILES.values()))
+    ap.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run")
+    ap.add_argument("--hidden", type=int, default=0, help="override the preset's width (ffn = 4x, heads = h/32)")
+    ap.add_argument("--lr", type=float, default=0.0, help="override the preset's peak learning rate")
+    ap.add_argument("--methods", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--eval-blocks", type=int, default=160)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    names = [n for n in args.methods.split(",") if n]
+    try:
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise ApolloError(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
+        for name in FILES.values():
+            if not (Path(args.data_dir) / name).is_file():
+                raise ApolloError(f"{args.data_dir} has no {name}")
+        base = dataclasses.replace(run_config(args), out="")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        data = None
+        runs = {}
+        for name in names:
+            cfg = dataclasses.replace(base, method=VARIANTS[name], out=str(out / name))
+            runs[name] = out / name
+            if finished(out / name, cfg):
+                print(f"[{name}] finished run found, kept", flush=True)
+                continue
+            data = data or load_lm_data(base.data, base.model, base.train.seed)
+            train(cfg, data, overwrite=True)
+        from apollo.report import report_dir
+
+        title = (f"{args.preset} (hidden {base.model.hidden}), WikiText-2, {args.tokens / 1e6:g}M tokens, "
+                 f"seed {args.seed}")
+        print(report_dir(out, runs, title))
+    except ApolloError as e:
+        sys.exit(f"wikitext.py: error: {e}")
+    meta = {"command": "python " + " ".join(sys.argv), "config": to_dict(base), "methods": names,
+            "wall_s_this_invocation": round(time.time() - started),
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    (out / "benchmark.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
