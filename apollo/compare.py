@@ -8,12 +8,13 @@ from pathlib import Path
 from .config import ApolloError, MethodConfig, RunConfig, check, save_yaml
 from .data import load_lm_data
 from .methods import METHODS, resolve_method
-from .report import plot_loss_vs_flops, summarize, write_results
+from .report import report_dir
 from .train import prepare_run_dir, train
 
 
 def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False) -> str:
-    """Train each method into ``cfg.out/<method>`` and write results.md/.csv and loss_vs_flops.png."""
+    """Train each method into ``cfg.out/<method>``, then write the report (``report.report_dir``): results.md/.csv,
+    loss_vs_flops.png, loss_vs_wall.png and depth_<method>.png for each method with more than one stage."""
     check(cfg)
     if not methods:
         raise ApolloError(f"--methods is empty (choose from {', '.join(METHODS)})")
@@ -37,8 +38,4 @@ def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False) -> str:
         run_cfg = dataclasses.replace(cfg, out=str(out / name), method=MethodConfig(name, moments=m.moments))
         train(run_cfg, data)
         runs[name] = out / name
-    rows, target = summarize(runs)
-    table = write_results(rows, target, out, data.source)
-    title = f"{cfg.preset or cfg.model.arch}: {data.source}"
-    plot_loss_vs_flops(runs, target, out / "loss_vs_flops.png", title)
-    return table
+    return report_dir(out, runs, f"{cfg.preset or cfg.model.arch}: {data.source}")

@@ -104,10 +104,12 @@ def test_compare_writes_table_csv_and_plot(tmp_path):
     cfg = dataclasses.replace(tiny_run(tmp_path, "bert", steps=30), out=str(tmp_path / "cmp"))
     table = compare(cfg, ["scratch", "stackbert", "apollo"])
     out = tmp_path / "cmp"
-    for name in ("results.md", "results.csv", "loss_vs_flops.png"):
+    for name in ("results.md", "results.csv", "loss_vs_flops.png", "loss_vs_wall.png", "depth_stackbert.png",
+                 "depth_apollo.png"):
         assert (out / name).stat().st_size > 0
+    assert not (out / "depth_scratch.png").exists()  # one stage: nothing to histogram
     rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("method,final_val_loss,total_flops") and len(rows) == 4
+    assert rows[0].startswith("method,final_val_loss,test_loss,total_flops") and len(rows) == 4
     assert "synthetic" in (out / "results.md").read_text()
     assert "| scratch |" in table and "| apollo |" in table
     scratch = json.loads((out / "scratch" / "summary.json").read_text())
