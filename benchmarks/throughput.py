@@ -83,7 +83,14 @@ def main() -> None:
             f"median of {args.steps} steps after {args.warmup} warm-up steps. Embeddings + LM head share of a "
             f"full-depth step's FLOPs: bert-tiny {rows[0]['head_flops_share_at_L']:.1%}, "
             f"gpt-tiny {rows[-1]['head_flops_share_at_L']:.1%}.\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + note)
+    # Fixed per-step time (embeddings, LM head, optimizer, batch, Python): t(1) minus one layer's time, with one
+    # layer's time = (t(12) - t(1)) / 11 from the two measured depths.
+    for name in ("bert-tiny", "gpt-tiny"):
+        t1, t12 = (next(r["step_s_median"] for r in rows if r["preset"] == name and r["depth"] == d) for d in (1, 12))
+        fixed = t1 - (t12 - t1) / 11
+        note += (f"\n{name}: fixed per-step time (not shrinking with depth) {fixed * 1000:.0f} ms = "
+                 f"{fixed / t12:.1%} of a full-depth step.")
+    out.with_suffix(".md").write_text("\n".join(lines) + note + "\n")
     print("\n".join(lines) + note)
 
 
