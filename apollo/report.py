@@ -103,6 +103,23 @@ def _fmt(x: float | None, kind: str, missing: str = "never reached") -> str:
     return {"loss": f"{x:.4f}", "tflops": f"{x / 1e12:.2f}", "s": f"{x:.0f}", "pct": f"{100 * x:.1f}%"}[kind]
 
 
+FLAT_TARGET = 0.05  # Scratch reaching its own final loss before 95% of its run means the target sits on a plateau
+
+
+def flat_target_warning(rows: list[Row]) -> str | None:
+    """A warning when Scratch's own curve first reaches its final loss well before its end.
+
+    Then the curve is flat (a plateau, or noise larger than the late progress) and "FLOPs to reach Scratch's
+    final loss" measures when a noisy curve first dips, not a saving: Scratch itself would show one.
+    """
+    scratch = next((r for r in rows if r.method == "scratch"), None)
+    if scratch is None or scratch.flops_saving is None or scratch.flops_saving < FLAT_TARGET:
+        return None
+    return (f"Scratch itself first reaches its final validation loss after {1 - scratch.flops_saving:.0%} of its "
+            "FLOPs: its curve is flat at the target, so the savings in this table measure noise, not speed. "
+            "Compare final losses instead.")
+
+
 def write_results(rows: list[Row], target: float | None, out: Path, source: str) -> str:
     """Write results.csv and results.md; return the Markdown table."""
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
@@ -117,12 +134,13 @@ def write_results(rows: list[Row], target: float | None, out: Path, source: str)
         f"| {_fmt(r.flops_to_target, 'tflops')} | {_fmt(r.wall_s_to_target, 's')} | {_fmt(r.flops_saving, 'pct')} "
         f"| {_fmt(r.wall_saving, 'pct')} |\n" for r in rows)
     target_line = f"{target:.4f}" if target is not None else "n/a (no scratch run)"
+    warning = flat_target_warning(rows)
     md = (f"# Results\n\nData: {source}\n\nTarget = Scratch's final validation loss: {target_line}. "
           "FLOPs saving = 1 - F_method / F_scratch, with F_method the cumulative training FLOPs when the "
           "method's validation loss first reaches the target (linear between evaluations) and F_scratch "
           "Scratch's total; wall saving likewise with training seconds (evaluation excluded). Test loss is "
           "scored once at the end of the run at full depth (n/a: no test set); tokens/s is training tokens "
-          "per training second.\n\n" + table)
+          "per training second.\n\n" + (f"**Warning:** {warning}\n\n" if warning else "") + table)
     (out / "results.md").write_text(md, encoding="utf-8")
     return table
 

@@ -130,3 +130,15 @@ def test_depth_histogram_uses_the_runs_sampler(tmp_path, sampler):
         assert stage0["tv"] == pytest.approx(0.5)
     if sampler == "fs":  # point mass at L = 4: TV = 1 - 1/6
         assert stage0["tv"] == pytest.approx(5 / 6)
+
+
+def test_flat_target_warning_only_when_scratch_reaches_its_final_loss_early():
+    from apollo.report import Row, flat_target_warning
+
+    def row(method, saving):
+        return Row(method, 6.0, None, 10.0, 1.0, 100.0, 1.0, 0.0, saving, saving)
+
+    assert flat_target_warning([row("scratch", 0.0), row("apollo", 0.4)]) is None
+    assert flat_target_warning([row("apollo", 0.4)]) is None
+    msg = flat_target_warning([row("scratch", 0.5), row("apollo", 0.6)])
+    assert msg is not None and "50%" in msg
