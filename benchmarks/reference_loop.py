@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from apollo.config import preset
+from apollo.config import MethodConfig, preset
 from apollo.data import Batches, LMData, pack_blocks, synthetic_corpus, train_tokenizer
 from apollo.models import build_model, lm_loss
 from apollo.train import train
@@ -50,7 +50,7 @@ def plain_loop(name: str, batches: list[dict], sparse: bool) -> list[float]:
 def apollo_loop(name: str, data: LMData, steps: int, out: Path) -> list[float]:
     """Per-step seconds of apollo's own training loop (Scratch), read back from its metrics log."""
     cfg = preset(name)
-    cfg = dataclasses.replace(cfg, out=str(out), train=dataclasses.replace(
+    cfg = dataclasses.replace(cfg, out=str(out), method=MethodConfig("scratch"), train=dataclasses.replace(
         cfg.train, steps=steps, tokens=0, eval_every=10**9, eval_blocks=1, progress=False))
     train(cfg, data, overwrite=True)
     walls = [json.loads(line)["wall_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
@@ -61,7 +61,7 @@ def apollo_loop(name: str, data: LMData, steps: int, out: Path) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/reference_loop")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per round (the first 3 are warm-up)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per round (the first 3 are warm-up)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
