@@ -44,8 +44,8 @@ class Measurement:
 
 def total_grad_norm(model: nn.Module) -> float:
     """L2 norm of all parameter gradients together (what ``clip_grad_norm_`` sees); 0 if there are none."""
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def measure(model: nn.Module, batches: list[dict], mlm: bool, positions: list[int] | None = None) -> Measurement:

@@ -189,14 +189,11 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{state['val_loss']:.3f}", stage=f"{stage}:{n_live}L",
                             d=depths[-1], tok_s=f"{tokens_per_micro * t.grad_accum / elapsed:.0f}", refresh=False)
 
-    full = layer_map(method.growth, len(get_layers(model)), m.layers)
-    test_loss = None
-    if data.test is not None:  # scored once, at the end, on every test block
-        test = valid_batches(data.test, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0, 0)
-        test_loss = evaluate(model, test, full, data.mlm)
-        write_line = json.dumps({"event": "test", "step": steps, "test_loss": test_loss, "blocks": len(data.test)})
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:
-            log.write(write_line + "\n")
+        test_loss = None
+        if data.test is not None:  # scored once, at the end, on every test block, through the full-depth map
+            test = valid_batches(data.test, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0, 0)
+            test_loss = evaluate(model, test, layer_map(method.growth, n_live, m.layers), data.mlm)
+            write({"event": "test", "step": steps, "test_loss": test_loss, "blocks": len(data.test)})
     model.save_pretrained(out / "model")
     data.tokenizer.model_max_length = m.seq_len  # so users' tokenizer calls truncate to the position table
     data.tokenizer.save_pretrained(out / "model")

@@ -116,3 +116,25 @@ def test_compare_writes_table_csv_and_plot(tmp_path):
     apollo = json.loads((out / "apollo" / "summary.json").read_text())
     # same token budget, fewer FLOPs for the progressive method
     assert scratch["tokens"] == apollo["tokens"] and apollo["flops"] < scratch["flops"]
+
+
+def test_test_split_is_scored_once_at_the_end_at_full_depth(tmp_path, arch):
+    from apollo.data import synthetic_corpus
+    from apollo.train import evaluate
+
+    test_file = tmp_path / "test.txt"
+    test_file.write_text("\n".join(synthetic_corpus(200, seed=7)), encoding="utf-8")
+    cfg = tiny_run(tmp_path, arch, method="stackbert", steps=20)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test=(str(test_file),)))
+    summary = train(cfg)
+    out = tmp_path / f"{arch}-stackbert"
+    (event,) = records(out, "test")
+    assert event["step"] == 20 and event["blocks"] > 0
+    assert summary["test_loss"] == event["test_loss"] and summary["test_loss"] > 0
+    # The same number as scoring the saved 12-layer model on the test blocks directly.
+    from apollo.data import load_lm_data, valid_batches
+
+    data = load_lm_data(cfg.data, cfg.model, 0)
+    model = (AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM).from_pretrained(out / "model")
+    batches = valid_batches(data.test, cfg.train.batch_size, data.tokenizer, data.mlm, 0.15, 0, 0)
+    assert evaluate(model, batches, list(range(12)), data.mlm) == pytest.approx(summary["test_loss"], rel=1e-5)
