@@ -45,6 +45,10 @@ class MethodConfig:
     sampler: str = _f("", "lvps | es | us | fs | none; empty = the method's default")
     growth: str = _f("", "interpolation | stacking; empty = the method's default")
     moments: str = _f("copy", "AdamW state of new layers: copy (from the source layer) | reset")
+    new_layers: str = _f("", "copy | zeroed (repeat copies start with zeroed residual outputs: function-"
+                             "preserving growth); empty = the method's default")
+    rewarm: float = _f(-1.0, "after each growth, ramp the LR up again over this fraction of the run "
+                             "(0 = off; negative = the method's default)")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,14 @@ parameter names stay ``...layer.{i}...`` for the ``N_s`` live layers.
 Growth is a rebuild: new layers are deep copies of their source layers, and the optimizer is built
 afresh over the new parameters, with each new parameter's AdamW state copied from its source
 (``copy``) or started empty (``reset``). The learning-rate schedule is global and not restarted.
+
+``new_layers="zeroed"`` (apollo-plus, not in the paper): every copy after the first of a source layer
+has its residual-branch output projections zeroed, so it adds nothing to the stream at first. A pre-LN
+model (GPT-2, LLaMA) then computes exactly what it did before growth at its native depth (one pass
+through the live layers, no sharing); in the spirit of MSG / LEMON, but the zeroed copy keeps its
+source's attention and MLP input weights, so it starts from learned features rather than noise.
+For post-LN BERT the zeroed layer still applies its LayerNorms, so growth is close to, not exactly,
+function-preserving.
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ import torch
 from torch import nn
 
 from .config import ApolloError
-from .models import get_layers, layer_path, renumber_layers, set_layers
+from .models import get_layers, layer_path, renumber_layers, residual_outputs, set_layers
 
 GROWTH = ("interpolation", "stacking")
 MOMENTS = ("copy", "reset")
+NEW_LAYERS = ("copy", "zeroed")
 
 
 def interpolation_map(n_live: int, depth: int) -> list[int]:
@@ -63,11 +72,24 @@ def shared_layers(model: nn.Module, positions: list[int]) -> Iterator[None]:
         set_layers(model, live, depth_field=False)
 
 
-def expand_layers(model: nn.Module, n_new: int, kind: str) -> list[int]:
-    """Replace the ``N_old`` live layers by ``n_new`` deep copies; return the source of each new layer."""
+def expand_layers(model: nn.Module, n_new: int, kind: str, new_layers: str = "copy") -> list[int]:
+    """Replace the ``N_old`` live layers by ``n_new`` deep copies; return the source of each new layer.
+
+    With ``new_layers="zeroed"`` each repeat copy (not the first copy of its source) gets zero
+    residual-branch outputs. This runs on fresh modules before any optimizer sees them.
+    """
+    if new_layers not in NEW_LAYERS:
+        raise ApolloError(f"unknown new-layers policy {new_layers!r} (choose from {', '.join(NEW_LAYERS)})")
     live = get_layers(model)
     source = layer_map(kind, len(live), n_new)
     new = nn.ModuleList([copy.deepcopy(live[i]) for i in source])
+    if new_layers == "zeroed":
+        for j, i in enumerate(source):
+            if i in source[:j]:
+                with torch.no_grad():
+                    for proj in residual_outputs(model, new[j]):
+                        for p in proj.parameters(recurse=False):
+                            p.zero_()
     renumber_layers(new)
     set_layers(model, new)
     return source
@@ -81,21 +103,26 @@ def _source_name(name: str, prefix: str, source: list[int]) -> str:
 
 
 def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: str, moments: str,
-         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, list[int]]:
+         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+         new_layers: str = "copy") -> tuple[torch.optim.Optimizer, list[int]]:
     """Expand the live layers to ``n_new`` and rebuild the optimizer over the new parameters.
 
     ``moments='copy'``: each new layer's AdamW state (step, exp_avg, exp_avg_sq) is a copy of its
     source layer's; ``'reset'``: new layers start with empty state. Non-layer parameters (embeddings,
-    head) are the same objects and keep their state. Returns the new optimizer and the source map.
+    head) are the same objects and keep their state. Zeroed projections (``new_layers="zeroed"``) always
+    start with empty state: their source's moments describe a weight they no longer hold. Returns the new
+    optimizer and the source map.
     """
     if moments not in MOMENTS:
         raise ApolloError(f"unknown moments policy {moments!r} (choose from {', '.join(MOMENTS)})")
     prefix = layer_path(model) + "."
     old_state = {name: optimizer.state.get(p, {}) for name, p in model.named_parameters()}
-    source = expand_layers(model, n_new, kind)
+    source = expand_layers(model, n_new, kind, new_layers)
+    zeroed = {id(p) for j, i in enumerate(source) if new_layers == "zeroed" and i in source[:j]
+              for proj in residual_outputs(model, get_layers(model)[j]) for p in proj.parameters(recurse=False)}
     new_optimizer = make_optimizer(model)
     for name, p in model.named_parameters():
-        if name.startswith(prefix) and moments == "reset":
+        if name.startswith(prefix) and (moments == "reset" or id(p) in zeroed):
             continue
         state = old_state.get(_source_name(name, prefix, source), {})
         if state:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import ApolloError, MethodConfig
-from .growth import GROWTH, MOMENTS
+from .growth import GROWTH, MOMENTS, NEW_LAYERS
 from .sampling import SAMPLERS
 from .schedule import check_stages
 
@@ -18,15 +18,15 @@ METHODS = ("scratch", "stackbert", "apollo")
 def _defaults(name: str, depth: int) -> MethodConfig:
     quarter, half = max(1, depth // 4), max(1, depth // 2)
     if name == "scratch":  # the full L-layer model, every step at depth L
-        return MethodConfig("scratch", (depth,), (), "fraction", "fs", "interpolation")
+        return MethodConfig("scratch", (depth,), (), "fraction", "fs", "interpolation", new_layers="copy", rewarm=0.0)
     if name == "stackbert":  # Gong et al. 2019: train N layers, double by stacking (3 -> 6 -> 12), no sampling
         stages = tuple(sorted({quarter, half, depth}))
         return MethodConfig("stackbert", stages, (0.10, 0.25)[-(len(stages) - 1):] if len(stages) > 1 else (),
-                            "fraction", "none", "stacking")
+                            "fraction", "none", "stacking", new_layers="copy", rewarm=0.0)
     if name == "apollo":  # the paper: 1 -> 3 -> 6 -> 12 at 5/10/25%, LVPS depths, interpolation growth
         stages = tuple(sorted({1, quarter, half, depth}))
         return MethodConfig("apollo", stages, (0.05, 0.10, 0.25)[-(len(stages) - 1):] if len(stages) > 1 else (),
-                            "fraction", "lvps", "interpolation")
+                            "fraction", "lvps", "interpolation", new_layers="copy", rewarm=0.0)
     raise ApolloError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
 
 
@@ -45,10 +45,15 @@ def resolve_method(m: MethodConfig, depth: int) -> MethodConfig:
         sampler=m.sampler or base.sampler,
         growth=m.growth or base.growth,
         moments=m.moments,
+        new_layers=m.new_layers or base.new_layers,
+        rewarm=m.rewarm if m.rewarm >= 0 else base.rewarm,
     )
     for value, allowed, what in ((resolved.sampler, SAMPLERS, "sampler"), (resolved.growth, GROWTH, "growth"),
-                                 (resolved.moments, MOMENTS, "moments policy")):
+                                 (resolved.moments, MOMENTS, "moments policy"),
+                                 (resolved.new_layers, NEW_LAYERS, "new-layers policy")):
         if value not in allowed:
             raise ApolloError(f"unknown {what} {value!r} (choose from {', '.join(allowed)})")
+    if resolved.rewarm >= 1:
+        raise ApolloError(f"--rewarm must be a fraction of the run below 1, got {resolved.rewarm}")
     check_stages(resolved.stages, resolved.switch, resolved.switch_unit, depth)
     return resolved

@@ -17,6 +17,11 @@ from .config import ApolloError, ModelConfig
 LAYER_PATHS = ("bert.encoder.layer", "roberta.encoder.layer", "transformer.h", "model.layers", "gpt_neox.layers",
                "model.decoder.layers")
 ARCHS = ("bert", "gpt2")
+# Per model type, the last projection of each residual branch (attention out, MLP out) inside one layer.
+# Zeroing both turns a pre-LN layer into the identity (used by function-preserving growth).
+RESIDUAL_OUTPUTS = {"gpt2": ("attn.c_proj", "mlp.c_proj"), "bert": ("attention.output.dense", "output.dense"),
+                    "roberta": ("attention.output.dense", "output.dense"),
+                    "llama": ("self_attn.o_proj", "mlp.down_proj")}
 
 
 def hf_config(m: ModelConfig):
@@ -76,6 +81,15 @@ def set_layers(model: nn.Module, layers: nn.ModuleList, depth_field: bool = True
     setattr(owner, name, layers)
     if depth_field:
         model.config.num_hidden_layers = len(layers)
+
+
+def residual_outputs(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
+    """The modules that write a layer's residual branches back into the stream (see RESIDUAL_OUTPUTS)."""
+    names = RESIDUAL_OUTPUTS.get(model.config.model_type)
+    if names is None:
+        raise ApolloError(f"no residual-output projections known for model type {model.config.model_type!r}; "
+                          "add them to apollo.models.RESIDUAL_OUTPUTS")
+    return [layer.get_submodule(n) for n in names]
 
 
 def renumber_layers(layers: nn.ModuleList) -> None:

@@ -24,6 +24,16 @@ class Schedule:
         """Index of the stage that ``step`` trains in."""
         return bisect.bisect_right(self.starts, step) - 1
 
+    def rewarm(self, step: int, ramp_steps: int) -> float:
+        """LR factor after a growth (apollo-plus): linear from 1/ramp to 1 over ``ramp_steps`` steps.
+
+        Fresh copies (and reset or zeroed moments) meet the full LR at once otherwise; 1 in the first stage.
+        """
+        since = step - self.starts[self.stage_at(step)]
+        if self.stage_at(step) == 0 or ramp_steps <= 0 or since >= ramp_steps:
+            return 1.0
+        return (since + 1) / ramp_steps
+
 
 def check_stages(stages: tuple[int, ...], switch: tuple[float, ...], unit: str, depth: int) -> None:
     """The checks that need no run length: stages increasing from >= 1 to the depth, one switch per boundary."""

@@ -142,15 +142,16 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 if on_grow:
                     on_grow("before", step, model, layer_map(method.growth, n_old, m.layers))
                 optimizer, source = grow(model, optimizer, schedule.stages[stage], method.growth, method.moments,
-                                         lambda mod: make_optimizer(mod, t))
+                                         lambda mod: make_optimizer(mod, t), method.new_layers)
                 write({"event": "grow", "step": step, "from": n_old, "to": schedule.stages[stage],
-                       "growth": method.growth, "source": source, "moments": method.moments})
+                       "growth": method.growth, "source": source, "moments": method.moments,
+                       "new_layers": method.new_layers})
                 if on_grow:
                     on_grow("after", step, model, layer_map(method.growth, schedule.stages[stage], m.layers))
                 bar.write(f"[{method.method}] step {step}: grew {n_old} -> {schedule.stages[stage]} live layers "
-                          f"({method.growth}, moments {method.moments}); optimizer rebuilt")
+                          f"({method.growth}, moments {method.moments}, {method.new_layers}); optimizer rebuilt")
             n_live = schedule.stages[stage]
-            lr = lr_at(step, steps, t)
+            lr = lr_at(step, steps, t) * schedule.rewarm(step, round(method.rewarm * steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             depths, loss_sum = [], 0.0
@@ -168,16 +169,16 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             loss = loss_sum / t.grad_accum
             if not math.isfinite(loss):  # stop before the bad gradients reach the weights
                 raise ApolloError(f"loss is {loss} at step {step}; lower --lr or check the data")
-            if t.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+            # The total norm is logged for every run (growth diagnostics); max_norm=inf only measures it.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip or math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
             state["wall_s"] += elapsed
             state["tokens"] += tokens_per_micro * t.grad_accum
             write({"event": "step", "step": step, "stage": stage, "live_layers": n_live, "depth": depths,
-                   "loss": loss, "lr": lr, "tokens": state["tokens"], "flops": state["flops"],
-                   "wall_s": round(state["wall_s"], 4)})
+                   "loss": loss, "grad_norm": round(grad_norm, 5), "lr": lr, "tokens": state["tokens"],
+                   "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
             if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps:
                 # Validation always runs all L positions; before the last stage, through the current map.
                 state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers), data.mlm)

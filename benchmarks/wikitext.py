@@ -43,6 +43,25 @@ VARIANTS = {
     "apollo-es": MethodConfig("apollo", sampler="es"),
     "apollo-us": MethodConfig("apollo", sampler="us"),
     "apollo-fs": MethodConfig("apollo", sampler="fs"),
+    # Issue 5 diagnosis: one ingredient changed at a time (first stage, moments, LR at growth, proportions).
+    "apollo-3": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.10, 0.25)),
+    "apollo-3-none": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.10, 0.25), sampler="none"),
+    "apollo-reset": MethodConfig("apollo", moments="reset"),
+    "apollo-rewarm": MethodConfig("apollo", rewarm=0.02),
+    "apollo-none-zeroed": MethodConfig("apollo", sampler="none", new_layers="zeroed"),
+    "apollo-late": MethodConfig("apollo", switch=(0.10, 0.20, 0.40)),
+    # Candidates for apollo-plus.
+    "cand-3-zeroed": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.10, 0.25), sampler="none",
+                                  new_layers="zeroed"),
+    "cand-3-zeroed-rewarm": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.10, 0.25), sampler="none",
+                                         new_layers="zeroed", rewarm=0.02),
+    "cand-3-zeroed-long": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.20, 0.40), sampler="none",
+                                       new_layers="zeroed"),
+    "cand-3-lvps-zeroed": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.10, 0.25), new_layers="zeroed"),
+    "stackbert-zeroed": MethodConfig("stackbert", new_layers="zeroed"),
+    "cand-stack-zeroed-long": MethodConfig("stackbert", switch=(0.20, 0.40), new_layers="zeroed"),
+    "cand-stack-zeroed-rewarm": MethodConfig("stackbert", new_layers="zeroed", rewarm=0.02),
+    "cand-1-stack-zeroed": MethodConfig("apollo", sampler="none", growth="stacking", new_layers="zeroed"),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 

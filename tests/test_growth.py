@@ -3,7 +3,7 @@ import torch
 
 from apollo.config import TrainConfig
 from apollo.growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
-from apollo.models import build_model, get_layers
+from apollo.models import RESIDUAL_OUTPUTS, build_model, get_layers
 from apollo.train import make_optimizer
 from tests.conftest import tiny_model_config
 
@@ -100,3 +100,60 @@ def test_grow_rebuilds_optimizer_with_moment_policy(moments):
                 assert new_opt.state[p]["exp_avg"].data_ptr() != src["exp_avg"].data_ptr()
     model(input_ids=ids(), labels=ids()).loss.backward()
     new_opt.step()  # the rebuilt optimizer steps without error
+
+
+def _perturb(model, seed=3):
+    """Random non-trivial weights (LayerNorms included), as after training: nothing is an identity by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["interpolation", "stacking"])
+def test_zeroed_growth_preserves_gpt2_function_at_native_depth(kind):
+    """Pre-LN: a repeat copy with zeroed residual outputs is the identity, so logits match to 1e-5."""
+    model = build_model(tiny_model_config("gpt2"), 1 if kind == "interpolation" else 3, seed=0).eval()
+    _perturb(model)
+    chain = [1, 3, 6, 12] if kind == "interpolation" else [3, 6, 12]
+    for n_new in chain[1:]:
+        with torch.no_grad():
+            before = model(input_ids=ids()).logits
+        source = expand_layers(model, n_new, kind, "zeroed")
+        assert source == layer_map(kind, len(set(source)), n_new)
+        with torch.no_grad():
+            after = model(input_ids=ids()).logits
+        assert (after - before).abs().max() < 1e-5
+        _perturb(model, seed=n_new)  # the next growth starts from weights that moved again
+
+
+def test_zeroed_growth_changes_exactly_the_repeat_copies_residual_outputs(arch):
+    """BERT is post-LN (not claimed function-preserving); in both archs only repeat copies' output projections
+    are zeroed, everything else equals the source layer."""
+    model = build_model(tiny_model_config(arch), 3, seed=0)
+    _perturb(model)
+    old = [layer.state_dict() for layer in get_layers(model)]
+    source = expand_layers(model, 6, "interpolation", "zeroed")
+    outputs = RESIDUAL_OUTPUTS[model.config.model_type]
+    for j, i in enumerate(source):
+        repeat = i in source[:j]
+        for k, v in get_layers(model)[j].state_dict().items():
+            zeroed = repeat and any(k.startswith(o + ".") for o in outputs)
+            assert torch.equal(v, torch.zeros_like(v) if zeroed else old[i][k]), (j, k)
+    assert sum(i in source[:j] for j, i in enumerate(source)) == 3
+
+
+def test_grow_gives_zeroed_projections_empty_moments():
+    t = TrainConfig(lr=1e-3)
+    model = build_model(tiny_model_config("gpt2"), 3, seed=0)
+    opt = make_optimizer(model, t)
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    opt.step()
+    new_opt, source = grow(model, opt, 6, "stacking", "copy", lambda m: make_optimizer(m, t), "zeroed")
+    for j, layer in enumerate(get_layers(model)):
+        for n, p in layer.named_parameters():
+            zeroed = j >= 3 and n.startswith(("attn.c_proj.", "mlp.c_proj."))
+            assert (p not in new_opt.state) == zeroed, (j, n)
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    new_opt.step()
+    assert all(p.abs().sum() > 0 for p in get_layers(model)[4].mlp.c_proj.parameters())  # zeroed weights learn

@@ -40,3 +40,21 @@ def test_method_defaults_follow_spec():
         resolve_method(MethodConfig("apolo"), 12)
     with pytest.raises(ApolloError, match="switch"):
         resolve_method(MethodConfig("apollo", stages=(2, 12)), 12)
+
+
+def test_rewarm_ramps_the_lr_after_each_growth_only():
+    s = resolve_schedule((3, 6, 12), (0.1, 0.5), "fraction", 100, 10, 12)
+    assert [s.rewarm(i, 4) for i in (0, 5, 9)] == [1.0, 1.0, 1.0]  # first stage: the global warmup's job
+    assert [s.rewarm(i, 4) for i in (10, 11, 12, 13, 14)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [s.rewarm(i, 4) for i in (50, 53, 99)] == [0.25, 1.0, 1.0]
+    assert s.rewarm(10, 0) == 1.0
+
+
+def test_new_method_fields_resolve_to_defaults_and_reject_bad_values():
+    m = resolve_method(MethodConfig("apollo"), 12)
+    assert (m.new_layers, m.rewarm) == ("copy", 0.0)
+    assert resolve_method(MethodConfig("stackbert", new_layers="zeroed", rewarm=0.05), 12).rewarm == 0.05
+    with pytest.raises(ApolloError, match="new-layers policy"):
+        resolve_method(MethodConfig("apollo", new_layers="identity"), 12)
+    with pytest.raises(ApolloError, match="rewarm"):
+        resolve_method(MethodConfig("apollo", rewarm=1.5), 12)

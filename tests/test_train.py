@@ -138,3 +138,17 @@ def test_test_split_is_scored_once_at_the_end_at_full_depth(tmp_path, arch):
     model = (AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM).from_pretrained(out / "model")
     batches = valid_batches(data.test, cfg.train.batch_size, data.tokenizer, data.mlm, 0.15, 0, 0)
     assert evaluate(model, batches, list(range(12)), data.mlm) == pytest.approx(summary["test_loss"], rel=1e-5)
+
+
+def test_rewarm_and_grad_norm_are_logged(tmp_path):
+    cfg = tiny_run(tmp_path, "gpt2", steps=40)
+    cfg = dataclasses.replace(cfg, method=MethodConfig("stackbert", new_layers="zeroed", rewarm=0.1))
+    train(cfg)
+    steps = records(tmp_path / "gpt2-apollo", "step")
+    grow_at = [g["step"] for g in records(tmp_path / "gpt2-apollo", "grow")]
+    assert grow_at == [4, 10]
+    for s in steps:
+        since = s["step"] - max([0] + [g for g in grow_at if g <= s["step"]])
+        factor = 1.0 if s["step"] < 4 or since >= 4 else (since + 1) / 4
+        assert s["lr"] == pytest.approx(lr_at(s["step"], 40, cfg.train) * factor)
+        assert s["grad_norm"] > 0
