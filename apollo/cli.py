@@ -51,7 +51,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="apollo", description="Progressive depth training (Apollo, AAAI 2024) on HF models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train one run (scratch, stackbert or apollo)")
+    train = sub.add_parser("train", help="train one run (scratch, stackbert, apollo or apollo-plus)")
     _add_config_flags(train)
     compare = sub.add_parser("compare", help="train several methods on the same budget and report the saving")
     compare.add_argument("--methods", default="scratch,stackbert,apollo", help="comma-separated method names")

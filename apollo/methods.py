@@ -12,7 +12,7 @@ from .growth import GROWTH, MOMENTS, NEW_LAYERS
 from .sampling import SAMPLERS
 from .schedule import check_stages
 
-METHODS = ("scratch", "stackbert", "apollo")
+METHODS = ("scratch", "stackbert", "apollo", "apollo-plus")
 
 
 def _defaults(name: str, depth: int) -> MethodConfig:
@@ -27,6 +27,11 @@ def _defaults(name: str, depth: int) -> MethodConfig:
         stages = tuple(sorted({1, quarter, half, depth}))
         return MethodConfig("apollo", stages, (0.05, 0.10, 0.25)[-(len(stages) - 1):] if len(stages) > 1 else (),
                             "fraction", "lvps", "interpolation", new_layers="copy", rewarm=0.0)
+    if name == "apollo-plus":  # beyond the paper (README method card): 3 -> 6 -> 12 at 20/40%, no depth sampling,
+        # interpolation growth whose repeat copies start with zeroed residual outputs (function-preserving)
+        stages = tuple(sorted({quarter, half, depth}))
+        return MethodConfig("apollo-plus", stages, (0.20, 0.40)[-(len(stages) - 1):] if len(stages) > 1 else (),
+                            "fraction", "none", "interpolation", new_layers="zeroed", rewarm=0.0)
     raise ApolloError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
 
 

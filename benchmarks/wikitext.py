@@ -38,6 +38,7 @@ VARIANTS = {
     "scratch": MethodConfig("scratch"),
     "stackbert": MethodConfig("stackbert"),
     "apollo": MethodConfig("apollo"),
+    "apollo-plus": MethodConfig("apollo-plus"),
     "apollo-none": MethodConfig("apollo", sampler="none"),
     "apollo-stacking": MethodConfig("apollo", growth="stacking"),
     "apollo-es": MethodConfig("apollo", sampler="es"),
@@ -85,8 +86,8 @@ def finished(run_dir: Path, cfg: RunConfig) -> bool:
     """True when ``run_dir`` holds a completed run of exactly ``cfg`` (method resolved as train() saves it)."""
     if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
         return False
-    def result_fields(c: RunConfig) -> dict:  # threads and the progress bar do not change a run's result
-        return to_dict(dataclasses.replace(c, train=dataclasses.replace(c.train, threads=0, progress=False)))
+    def result_fields(c: RunConfig) -> dict:  # threads, the progress bar and the folder do not change a result
+        return to_dict(dataclasses.replace(c, out="", train=dataclasses.replace(c.train, threads=0, progress=False)))
 
     resolved = dataclasses.replace(cfg, method=resolve_method(cfg.method, cfg.model.layers))
     return result_fields(load_yaml(run_dir / "config.yaml")) == result_fields(resolved)

@@ -58,3 +58,10 @@ def test_new_method_fields_resolve_to_defaults_and_reject_bad_values():
         resolve_method(MethodConfig("apollo", new_layers="identity"), 12)
     with pytest.raises(ApolloError, match="rewarm"):
         resolve_method(MethodConfig("apollo", rewarm=1.5), 12)
+
+
+def test_apollo_plus_defaults():
+    m = resolve_method(MethodConfig("apollo-plus"), 12)
+    assert (m.stages, m.switch, m.sampler, m.growth, m.new_layers, m.rewarm) == (
+        (3, 6, 12), (0.20, 0.40), "none", "interpolation", "zeroed", 0.0)
+    assert resolve_method(MethodConfig("apollo-plus", new_layers="copy"), 12).new_layers == "copy"  # flags win
