@@ -61,7 +61,7 @@ VARIANTS = {
     "cand-3-lvps-zeroed": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.10, 0.25), new_layers="zeroed"),
     "stackbert-zeroed": MethodConfig("stackbert", new_layers="zeroed"),
     "cand-stack-zeroed-long": MethodConfig("stackbert", switch=(0.20, 0.40), new_layers="zeroed"),
-    "cand-stack-zeroed-rewarm": MethodConfig("stackbert", new_layers="zeroed", rewarm=0.02),
+    "cand-3-zeroed-long-reset": MethodConfig("apollo-plus", moments="reset"),
     "cand-1-stack-zeroed": MethodConfig("apollo", sampler="none", growth="stacking", new_layers="zeroed"),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
