@@ -72,6 +72,12 @@ def shared_layers(model: nn.Module, positions: list[int]) -> Iterator[None]:
         set_layers(model, live, depth_field=False)
 
 
+def zeroed_params(model: nn.Module, layers: nn.ModuleList, source: list[int]) -> list[nn.Parameter]:
+    """The residual-output parameters of every repeat copy (a later copy of an already-copied source)."""
+    return [p for j, i in enumerate(source) if i in source[:j]
+            for proj in residual_outputs(model, layers[j]) for p in proj.parameters(recurse=False)]
+
+
 def expand_layers(model: nn.Module, n_new: int, kind: str, new_layers: str = "copy") -> list[int]:
     """Replace the ``N_old`` live layers by ``n_new`` deep copies; return the source of each new layer.
 
@@ -84,12 +90,9 @@ def expand_layers(model: nn.Module, n_new: int, kind: str, new_layers: str = "co
     source = layer_map(kind, len(live), n_new)
     new = nn.ModuleList([copy.deepcopy(live[i]) for i in source])
     if new_layers == "zeroed":
-        for j, i in enumerate(source):
-            if i in source[:j]:
-                with torch.no_grad():
-                    for proj in residual_outputs(model, new[j]):
-                        for p in proj.parameters(recurse=False):
-                            p.zero_()
+        with torch.no_grad():
+            for p in zeroed_params(model, new, source):
+                p.zero_()
     renumber_layers(new)
     set_layers(model, new)
     return source
@@ -118,8 +121,7 @@ def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: s
     prefix = layer_path(model) + "."
     old_state = {name: optimizer.state.get(p, {}) for name, p in model.named_parameters()}
     source = expand_layers(model, n_new, kind, new_layers)
-    zeroed = {id(p) for j, i in enumerate(source) if new_layers == "zeroed" and i in source[:j]
-              for proj in residual_outputs(model, get_layers(model)[j]) for p in proj.parameters(recurse=False)}
+    zeroed = {id(p) for p in zeroed_params(model, get_layers(model), source)} if new_layers == "zeroed" else set()
     new_optimizer = make_optimizer(model)
     for name, p in model.named_parameters():
         if name.startswith(prefix) and (moments == "reset" or id(p) in zeroed):

@@ -125,6 +125,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     optimizer = make_optimizer(model, t)
     sampler = DepthSampler(method.sampler, m.layers, t.seed)
     tokens_per_micro = t.batch_size * m.seq_len
+    rewarm_steps = round(method.rewarm * steps)  # LR ramp after each growth (0 = none)
     state = {"flops": 0, "tokens": 0, "wall_s": 0.0, "val_loss": float("nan")}
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as log, \
             tqdm(total=steps, disable=not t.progress, desc=f"{method.method}", unit="step", dynamic_ncols=True) as bar:
@@ -151,7 +152,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 bar.write(f"[{method.method}] step {step}: grew {n_old} -> {schedule.stages[stage]} live layers "
                           f"({method.growth}, moments {method.moments}, {method.new_layers}); optimizer rebuilt")
             n_live = schedule.stages[stage]
-            lr = lr_at(step, steps, t) * schedule.rewarm(step, round(method.rewarm * steps))
+            lr = lr_at(step, steps, t) * schedule.rewarm(step, rewarm_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             depths, loss_sum = [], 0.0

@@ -56,9 +56,9 @@ VARIANTS = {
                                   new_layers="zeroed"),
     "cand-3-zeroed-rewarm": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.10, 0.25), sampler="none",
                                          new_layers="zeroed", rewarm=0.02),
+    # cand-3-zeroed-long became apollo-plus (same resolved config under the apollo name).
     "cand-3-zeroed-long": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.20, 0.40), sampler="none",
                                        new_layers="zeroed"),
-    "cand-3-lvps-zeroed": MethodConfig("apollo", stages=(3, 6, 12), switch=(0.10, 0.25), new_layers="zeroed"),
     "stackbert-zeroed": MethodConfig("stackbert", new_layers="zeroed"),
     "cand-stack-zeroed-long": MethodConfig("stackbert", switch=(0.20, 0.40), new_layers="zeroed"),
     "cand-3-zeroed-long-reset": MethodConfig("apollo-plus", moments="reset"),
