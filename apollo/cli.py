@@ -51,10 +51,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="apollo", description="Progressive depth training (Apollo, AAAI 2024) on HF models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train one run (scratch, stackbert, apollo or apollo-plus)")
+    train = sub.add_parser("train", help="train one run (scratch, stackbert, apollo, apollo-plus, bert2bert or ligo)")
     _add_config_flags(train)
     compare = sub.add_parser("compare", help="train several methods on the same budget and report the saving")
     compare.add_argument("--methods", default="scratch,stackbert,apollo", help="comma-separated method names")
+    compare.add_argument("--small-hidden", type=int, default=0,
+                         help="bert2bert/ligo without --small-model: width of the small model trained first "
+                              "(default: half the target's)")
+    compare.add_argument("--small-layers", type=int, default=0,
+                         help="... and its depth (default: the target's)")
     _add_config_flags(compare, skip=("method",))
     return parser
 
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .compare import compare
 
-            table = compare(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], args.overwrite)
+            table = compare(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], args.overwrite,
+                            args.small_hidden, args.small_layers)
             print(table + f"\nwrote {cfg.out}/results.md, results.csv, loss_vs_flops.png")
     except ApolloError as e:
         print(f"apollo: error: {e}", file=sys.stderr)

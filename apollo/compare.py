@@ -5,16 +5,22 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .bert2bert import load_small, small_dir, small_shape
 from .config import ApolloError, MethodConfig, RunConfig, check, save_yaml
 from .data import load_lm_data
-from .methods import METHODS, resolve_method
+from .methods import FROM_SMALL, METHODS, resolve_method
 from .report import report_dir
 from .train import prepare_run_dir, train
 
 
-def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False) -> str:
+def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_hidden: int = 0,
+            small_layers: int = 0) -> str:
     """Train each method into ``cfg.out/<method>``, then write the report (``report.report_dir``): results.md/.csv,
-    loss_vs_flops.png, loss_vs_wall.png and depth_<method>.png for each method with more than one stage."""
+    loss_vs_flops.png, loss_vs_wall.png and depth_<method>.png for each method with more than one stage.
+
+    bert2bert and ligo grow ``cfg.method.small_model``; without one, a Scratch run of the small shape
+    (``bert2bert.small_shape``: half the width by default) is trained first into ``cfg.out/small`` on the same
+    data and budget, and its FLOPs are reported separately, as the papers do."""
     check(cfg)
     if not methods:
         raise ApolloError(f"--methods is empty (choose from {', '.join(METHODS)})")
@@ -27,15 +33,36 @@ def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False) -> str:
     if m.stages or m.switch or m.sampler or m.growth:
         raise ApolloError("compare runs each method with its defaults; set --stages/--switch/--sampler/--growth "
                           "with apollo train")
-    for name in methods:
-        resolve_method(MethodConfig(name, moments=m.moments), cfg.model.layers)
     out = Path(cfg.out)
-    data = load_lm_data(cfg.data, cfg.model, cfg.train.seed)
+    grows = [n for n in methods if n in FROM_SMALL]
+    small_cfg = None
+    if grows and not m.small_model:
+        small_cfg = dataclasses.replace(cfg, model=small_shape(cfg.model, small_hidden, small_layers),
+                                        method=MethodConfig("scratch"), out=str(out / "small"))
+        check(small_cfg)
+    small = m.small_model or str(out / "small")
+
+    def method_config(name: str) -> MethodConfig:
+        if name not in FROM_SMALL:
+            return MethodConfig(name, moments=m.moments)
+        return MethodConfig(name, moments=m.moments, small_model=small, new_layers=m.new_layers,
+                            width_init=m.width_init if name == "bert2bert" else "", ligo_steps=m.ligo_steps)
+
+    for name in methods:
+        resolve_method(method_config(name), cfg.model.layers)
+    if m.small_model:
+        load_small(m.small_model, cfg.model)  # a bad --small-model fails before anything is trained or written
+    # Every method shares one tokenizer; a given small model brings its own (its embeddings are indexed by it).
+    data_cfg = cfg.data
+    if grows and m.small_model and not cfg.data.tokenizer:
+        data_cfg = dataclasses.replace(cfg.data, tokenizer=small_dir(m.small_model))
+    data = load_lm_data(data_cfg, cfg.model, cfg.train.seed)
     prepare_run_dir(out, overwrite)
     save_yaml(cfg, out / "config.yaml")
+    if small_cfg is not None:
+        train(small_cfg, data)
     runs = {}
     for name in methods:
-        run_cfg = dataclasses.replace(cfg, out=str(out / name), method=MethodConfig(name, moments=m.moments))
-        train(run_cfg, data)
+        train(dataclasses.replace(cfg, out=str(out / name), method=method_config(name)), data)
         runs[name] = out / name
     return report_dir(out, runs, f"{cfg.preset or cfg.model.arch}: {data.source}")

@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    method: str = _f("apollo", "scratch | stackbert | apollo | apollo-plus")
+    method: str = _f("apollo", "scratch | stackbert | apollo | apollo-plus | bert2bert | ligo")
     stages: tuple[int, ...] = _f((), "live layers per stage; empty = the method's default")
     switch: tuple[float, ...] = _f((), "where each later stage starts; empty = the method's default")
     switch_unit: str = _f("fraction", "fraction (of the run) | step | epoch")
@@ -49,6 +49,9 @@ class MethodConfig:
                              "preserving growth); empty = the method's default")
     rewarm: float = _f(-1.0, "after each growth, ramp the LR up again over this fraction of the run "
                              "(0 = off; negative = the method's default)")
+    small_model: str = _f("", "bert2bert / ligo: the trained smaller run (its directory) to grow from")
+    width_init: str = _f("", "bert2bert: aki | fpi (function-preserving); empty = aki")
+    ligo_steps: int = _f(0, "ligo: steps that train the growth operator before the model; 0 = 100")
 
 
 @dataclass(frozen=True)

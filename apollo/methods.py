@@ -1,4 +1,5 @@
-"""Scratch, StackBERT and Apollo as choices of stages + depth sampler + growth operator.
+"""Scratch, StackBERT, Apollo (and apollo-plus) as choices of stages + depth sampler + growth operator; bert2BERT
+and LiGO as a full-depth run that starts from a grown trained small model (``bert2bert.py``, ``ligo.py``).
 
 A new progressive method is one entry here (plus its growth op in growth.py).
 """
@@ -7,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from .bert2bert import WIDTH_INITS
 from .config import ApolloError, MethodConfig
 from .growth import GROWTH, MOMENTS, NEW_LAYERS
 from .sampling import SAMPLERS
 from .schedule import check_stages
 
-METHODS = ("scratch", "stackbert", "apollo", "apollo-plus")
+METHODS = ("scratch", "stackbert", "apollo", "apollo-plus", "bert2bert", "ligo")
+FROM_SMALL = ("bert2bert", "ligo")  # methods that grow a trained smaller model (--small-model)
 
 
 def _defaults(name: str, depth: int) -> MethodConfig:
@@ -32,6 +35,9 @@ def _defaults(name: str, depth: int) -> MethodConfig:
         stages = tuple(sorted({quarter, half, depth}))
         return MethodConfig("apollo-plus", stages, (0.20, 0.40)[-(len(stages) - 1):] if len(stages) > 1 else (),
                             "fraction", "none", "interpolation", new_layers="zeroed", rewarm=0.0)
+    if name in FROM_SMALL:  # bert2BERT / LiGO: every step at full depth; depth growth from the small model stacks
+        return MethodConfig(name, (depth,), (), "fraction", "fs", "stacking", new_layers="copy", rewarm=0.0,
+                            width_init="aki" if name == "bert2bert" else "fpi", ligo_steps=100 if name == "ligo" else 0)
     raise ApolloError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
 
 
@@ -52,10 +58,23 @@ def resolve_method(m: MethodConfig, depth: int) -> MethodConfig:
         moments=m.moments,
         new_layers=m.new_layers or base.new_layers,
         rewarm=m.rewarm if m.rewarm >= 0 else base.rewarm,
+        small_model=m.small_model,
+        width_init=m.width_init or base.width_init,
+        ligo_steps=m.ligo_steps or base.ligo_steps,
     )
+    if (m.method in FROM_SMALL) != bool(m.small_model):
+        raise ApolloError(f"{m.method} needs --small-model RUN_DIR (a trained narrower run)" if m.method in FROM_SMALL
+                          else f"--small-model is used only by {' and '.join(FROM_SMALL)}, not {m.method}")
+    if m.method in FROM_SMALL and len(resolved.stages) != 1:
+        raise ApolloError(f"{m.method} trains at full depth from its first step; it takes no --stages")
+    if m.method == "ligo" and resolved.width_init != "fpi":
+        raise ApolloError("ligo's operator starts from FPI; --width-init does not apply to it")
+    if m.ligo_steps < 0:
+        raise ApolloError(f"--ligo-steps must be >= 0, got {m.ligo_steps}")
     for value, allowed, what in ((resolved.sampler, SAMPLERS, "sampler"), (resolved.growth, GROWTH, "growth"),
                                  (resolved.moments, MOMENTS, "moments policy"),
-                                 (resolved.new_layers, NEW_LAYERS, "new-layers policy")):
+                                 (resolved.new_layers, NEW_LAYERS, "new-layers policy"),
+                                 (resolved.width_init or "aki", WIDTH_INITS, "width init")):
         if value not in allowed:
             raise ApolloError(f"unknown {what} {value!r} (choose from {', '.join(allowed)})")
     if resolved.rewarm >= 1:

@@ -22,6 +22,38 @@ ARCHS = ("bert", "gpt2")
 RESIDUAL_OUTPUTS = {"gpt2": ("attn.c_proj", "mlp.c_proj"), "bert": ("attention.output.dense", "output.dense"),
                     "roberta": ("attention.output.dense", "output.dense"),
                     "llama": ("self_attn.o_proj", "mlp.down_proj")}
+# Width growth (bert2BERT, LiGO): per model type, what each axis of each parameter indexes. Keys are parameter
+# names, with "*" for a layer's prefix; an axis is "" (not grown: vocabulary, positions, layers), "h" (hidden
+# units of the residual stream), "a" (attention units, grown head by head), "qkv" (GPT-2's fused q|k|v, three
+# "a" blocks) or "f" (FFN units). A trailing "/" marks an axis whose copied units are divided by their copy
+# count: a weight that reads a duplicated unit, or a LayerNorm feeding the tied output embedding.
+WIDTH_AXES = {
+    "gpt2": {
+        "transformer.wte.weight": ("", "h"), "transformer.wpe.weight": ("", "h"),
+        "*.ln_1.weight": ("h",), "*.ln_1.bias": ("h",),
+        "*.attn.c_attn.weight": ("h/", "qkv"), "*.attn.c_attn.bias": ("qkv",),  # Conv1D weights are (in, out)
+        "*.attn.c_proj.weight": ("a/", "h"), "*.attn.c_proj.bias": ("h",),
+        "*.ln_2.weight": ("h",), "*.ln_2.bias": ("h",),
+        "*.mlp.c_fc.weight": ("h/", "f"), "*.mlp.c_fc.bias": ("f",),
+        "*.mlp.c_proj.weight": ("f/", "h"), "*.mlp.c_proj.bias": ("h",),
+        "transformer.ln_f.weight": ("h/",), "transformer.ln_f.bias": ("h/",),
+    },
+    "bert": {
+        "bert.embeddings.word_embeddings.weight": ("", "h"), "bert.embeddings.position_embeddings.weight": ("", "h"),
+        "bert.embeddings.token_type_embeddings.weight": ("", "h"),
+        "bert.embeddings.LayerNorm.weight": ("h",), "bert.embeddings.LayerNorm.bias": ("h",),
+        **{f"*.attention.self.{n}.{w}": ("a", "h/") if w == "weight" else ("a",)
+           for n in ("query", "key", "value") for w in ("weight", "bias")},
+        "*.attention.output.dense.weight": ("h", "a/"), "*.attention.output.dense.bias": ("h",),
+        "*.attention.output.LayerNorm.weight": ("h",), "*.attention.output.LayerNorm.bias": ("h",),
+        "*.intermediate.dense.weight": ("f", "h/"), "*.intermediate.dense.bias": ("f",),
+        "*.output.dense.weight": ("h", "f/"), "*.output.dense.bias": ("h",),
+        "*.output.LayerNorm.weight": ("h",), "*.output.LayerNorm.bias": ("h",),
+        "cls.predictions.bias": ("",),
+        "cls.predictions.transform.dense.weight": ("h", "h/"), "cls.predictions.transform.dense.bias": ("h",),
+        "cls.predictions.transform.LayerNorm.weight": ("h/",), "cls.predictions.transform.LayerNorm.bias": ("h/",),
+    },
+}
 
 
 def hf_config(m: ModelConfig):
@@ -90,6 +122,21 @@ def residual_outputs(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
         raise ApolloError(f"no residual-output projections known for model type {model.config.model_type!r}; "
                           "add them to apollo.models.RESIDUAL_OUTPUTS")
     return [layer.get_submodule(n) for n in names]
+
+
+def width_key(model: nn.Module, name: str) -> str:
+    """``name`` with a layer's prefix replaced by ``*`` (the key of WIDTH_AXES): ``*.attn.c_attn.weight``."""
+    prefix = layer_path(model) + "."
+    return "*." + name[len(prefix):].split(".", 1)[1] if name.startswith(prefix) else name
+
+
+def width_axes(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """What each axis of each parameter indexes (see WIDTH_AXES), for width growth."""
+    axes = WIDTH_AXES.get(model.config.model_type)
+    if axes is None:
+        raise ApolloError(f"width growth knows no parameter layout for model type {model.config.model_type!r}; "
+                          "add it to apollo.models.WIDTH_AXES")
+    return axes
 
 
 def renumber_layers(layers: nn.ModuleList) -> None:

@@ -120,7 +120,31 @@ def flat_target_warning(rows: list[Row]) -> str | None:
             "Compare final losses instead.")
 
 
-def write_results(rows: list[Row], target: float | None, out: Path, source: str) -> str:
+def small_model_notes(runs: dict[str, Path], rows: list[Row]) -> list[str]:
+    """For runs grown from a trained small model (bert2BERT, LiGO): that model's own cost and loss.
+
+    As in both papers, the savings in the table exclude the small model's training; the note gives them with it
+    included too (``1 - (F_method + F_small) / F_scratch``), for a user who would have to train it first.
+    """
+    notes = []
+    for row in rows:
+        small = load_yaml(Path(runs[row.method]) / "config.yaml").method.small_model
+        if not small:
+            continue
+        summary = read_summary(Path(small))
+        if not summary:
+            notes.append(f"{row.method} grew from {small} (no summary.json there: its cost is unknown).")
+            continue
+        scratch = next((r for r in rows if r.method == "scratch"), None)
+        with_small = (f"{1 - (row.flops_to_target + summary['flops']) / scratch.total_flops:.1%}"
+                      if scratch and row.flops_to_target is not None else "n/a")
+        notes.append(f"{row.method} grew from `{small}` ({summary['flops'] / 1e12:.2f} TFLOPs of training, final "
+                     f"val loss {summary['final_val_loss']:.4f}); not counted above, as in the papers. FLOPs "
+                     f"saving with it counted: {with_small}.")
+    return notes
+
+
+def write_results(rows: list[Row], target: float | None, out: Path, source: str, notes: list[str] = ()) -> str:
     """Write results.csv and results.md; return the Markdown table."""
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
@@ -140,7 +164,8 @@ def write_results(rows: list[Row], target: float | None, out: Path, source: str)
           "method's validation loss first reaches the target (linear between evaluations) and F_scratch "
           "Scratch's total; wall saving likewise with training seconds (evaluation excluded). Test loss is "
           "scored once at the end of the run at full depth (n/a: no test set); tokens/s is training tokens "
-          "per training second.\n\n" + (f"**Warning:** {warning}\n\n" if warning else "") + table)
+          "per training second.\n\n" + (f"**Warning:** {warning}\n\n" if warning else "") + table
+          + "".join(f"\n{n}\n" for n in notes))
     (out / "results.md").write_text(md, encoding="utf-8")
     return table
 
@@ -226,7 +251,8 @@ def report_dir(out: Path, runs: dict[str, Path], title: str) -> str:
     out = Path(out)
     rows, target = summarize(runs)
     first = read_events(next(iter(runs.values())), "start")
-    table = write_results(rows, target, out, first[0].get("source", "n/a") if first else "n/a")
+    table = write_results(rows, target, out, first[0].get("source", "n/a") if first else "n/a",
+                          small_model_notes(runs, rows))
     plot_loss_vs_flops(runs, target, out / "loss_vs_flops.png", title)
     plot_loss_vs_wall(runs, target, out / "loss_vs_wall.png", title)
     for name, d in runs.items():

@@ -18,11 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
-from .config import ApolloError, RunConfig, TrainConfig, check, save_yaml
+from .bert2bert import bert2bert, load_small, small_dir, width_map
+from .config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, save_yaml
 from .data import Batches, LMData, load_lm_data, valid_batches
 from .flops import train_flops
 from .growth import grow, layer_map, shared_layers
+from .ligo import LiGO, merge, operator_loss
 from .methods import resolve_method
 from .models import build_model, get_layers, lm_loss
 from .sampling import DepthSampler
@@ -91,6 +94,49 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def head_tokens(batch: dict[str, torch.Tensor], mlm: bool) -> int:
+    """Positions the LM head runs at: the masked ones for MLM (``lm_loss``), every position for a causal LM."""
+    return int((batch["labels"] != -100).sum()) if mlm else batch["input_ids"].numel()
+
+
+def check_tokenizer(tokenizer, small_model: str) -> None:
+    """A grown model keeps the small model's embedding rows, so both must use the same vocabulary."""
+    path = small_dir(small_model)
+    try:
+        small_vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError):
+        raise ApolloError(f"--small-model {small_model} has no tokenizer") from None
+    if small_vocab != tokenizer.get_vocab():
+        raise ApolloError(f"this run's tokenizer differs from the small model's; pass --tokenizer {path}")
+
+
+def train_operator(op: LiGO, model: nn.Module, batches: Batches, method: MethodConfig, t: TrainConfig, mlm: bool,
+                   state: dict, write: Callable[[dict], None]) -> None:
+    """LiGO: train only the growth operator (AdamW, peak LR, no decay) for ``ligo_steps`` steps on the LM loss,
+    one micro-batch each, then merge it into the model's plain weights. Its FLOPs, tokens and seconds count."""
+    optimizer = torch.optim.AdamW(op.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0)
+    op_flops = op.flops()
+    depth = len(get_layers(model))
+    for k in range(method.ligo_steps):
+        start = time.perf_counter()
+        batch = batches.batch(k)
+        loss = operator_loss(op, model, batch, mlm)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(op.parameters(), t.clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = batch["input_ids"].numel()
+        state["flops"] += op_flops + train_flops(model.config, depth, tokens, batch["input_ids"].shape[1],
+                                                 head_tokens(batch, mlm))
+        state["tokens"] += tokens
+        state["wall_s"] += time.perf_counter() - start
+        write({"event": "operator_step", "step": k, "loss": loss.item(), "tokens": state["tokens"],
+               "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
+    merge(op, model)
+    write({"event": "grow", "step": 0, "from": op.n_small, "to": op.n_large, "growth": "ligo",
+           "operator_steps": method.ligo_steps, "operator_flops_per_step": op_flops})
+
+
 GrowHook = Callable[[str, int, nn.Module, list[int]], None]
 
 
@@ -105,8 +151,14 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     m, t = cfg.model, cfg.train
     method = resolve_method(cfg.method, m.layers)  # checked before any data is loaded or anything written
     out = Path(cfg.out)
+    # bert2BERT / LiGO start from a trained smaller model, checked (with its tokenizer) before anything is written.
+    small = load_small(method.small_model, m) if method.small_model else None
+    if small is not None and not cfg.data.tokenizer and data is None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=small_dir(method.small_model)))
     if data is None:
         data = load_lm_data(cfg.data, m, t.seed)
+    if small is not None:
+        check_tokenizer(data.tokenizer, method.small_model)
     if t.threads:
         torch.set_num_threads(t.threads)
     batches = Batches(data.train, t.batch_size, t.seed, data.tokenizer, data.mlm, cfg.data.mlm_probability)
@@ -120,9 +172,11 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     cfg = dataclasses.replace(cfg, method=method)
     save_yaml(cfg, out / "config.yaml")
 
-    model = build_model(m, schedule.stages[0], t.seed)
+    if method.method == "bert2bert":
+        model = bert2bert(small, m, method.width_init, method.new_layers, t.seed)
+    else:
+        model = build_model(m, schedule.stages[0], t.seed)
     model.train()
-    optimizer = make_optimizer(model, t)
     sampler = DepthSampler(method.sampler, m.layers, t.seed)
     tokens_per_micro = t.batch_size * m.seq_len
     rewarm_steps = round(method.rewarm * steps)  # LR ramp after each growth (0 = none)
@@ -134,6 +188,15 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
 
         write({"event": "start", "source": data.source, "steps": steps, "schedule": dataclasses.asdict(schedule),
                "train_blocks": len(data.train), "valid_blocks": len(data.valid)})
+        if method.method == "ligo":
+            train_operator(LiGO(small, model, width_map(small.config, model.config, t.seed)), model, batches, method,
+                           t, data.mlm, state, write)
+        if small is not None:  # where the grown model starts: its validation loss before any model update
+            state["val_loss"] = evaluate(model, valid, list(range(m.layers)), data.mlm)
+            write({"event": "eval", "step": 0, "stage": 0, "live_layers": m.layers, "val_loss": state["val_loss"],
+                   "tokens": state["tokens"], "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
+            bar.write(f"[{method.method}] grown from {method.small_model}: val loss {state['val_loss']:.4f}")
+        optimizer = make_optimizer(model, t)
         stage = 0
         for step in range(steps):
             start = time.perf_counter()
@@ -164,9 +227,8 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 (loss / t.grad_accum).backward()
                 depths.append(depth)
                 loss_sum += loss.item()
-                # The MLM head runs only at masked positions (lm_loss), a causal LM's at every position.
-                head_tokens = int((batch["labels"] != -100).sum()) if data.mlm else tokens_per_micro
-                state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len, head_tokens)
+                state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len,
+                                              head_tokens(batch, data.mlm))
             loss = loss_sum / t.grad_accum
             if not math.isfinite(loss):  # stop before the bad gradients reach the weights
                 raise ApolloError(f"loss is {loss} at step {step}; lower --lr or check the data")

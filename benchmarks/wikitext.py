@@ -31,7 +31,7 @@ import torch
 
 from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, load_yaml, preset, to_dict
 from apollo.data import load_lm_data
-from apollo.methods import resolve_method
+from apollo.methods import FROM_SMALL, resolve_method
 from apollo.train import train
 
 VARIANTS = {
@@ -63,6 +63,10 @@ VARIANTS = {
     "cand-stack-zeroed-long": MethodConfig("stackbert", switch=(0.20, 0.40), new_layers="zeroed"),
     "cand-3-zeroed-long-reset": MethodConfig("apollo-plus", moments="reset"),
     "cand-1-stack-zeroed": MethodConfig("apollo", sampler="none", growth="stacking", new_layers="zeroed"),
+    # Issue 6: growth from a trained smaller model (--small-model).
+    "bert2bert": MethodConfig("bert2bert"),
+    "bert2bert-fpi": MethodConfig("bert2bert", width_init="fpi"),
+    "ligo": MethodConfig("ligo"),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
@@ -104,6 +108,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-blocks", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small-model", default="", help="trained smaller run for bert2bert / ligo")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", required=True)
@@ -123,7 +128,12 @@ def main() -> None:
         data = None
         runs = {}
         for name in names:
-            cfg = dataclasses.replace(base, method=VARIANTS[name], out=str(out / name))
+            method = VARIANTS[name]
+            if method.method in FROM_SMALL:
+                if not args.small_model:
+                    raise ApolloError(f"{name} needs --small-model RUN_DIR")
+                method = dataclasses.replace(method, small_model=args.small_model)
+            cfg = dataclasses.replace(base, method=method, out=str(out / name))
             runs[name] = out / name
             if finished(out / name, cfg):
                 print(f"[{name}] finished run found, kept", flush=True)

@@ -1,0 +1,189 @@
+"""bert2BERT (Chen et al., ACL 2022): grow a trained smaller model into the target width and depth.
+
+Width (bert2BERT Sec. 3.1, Eq. 4-7, "function-preserving initialisation", FPI): every target unit copies a
+source unit, ``g(i)``; a weight's output axis is indexed by ``g`` (``W'[i] = W[g(i)]``) and its input axis is
+indexed by ``g`` and divided by the copy count ``c(g(i))``, so a layer reading duplicated units computes what it
+did before. The units of each space (``models.WIDTH_AXES``) are chosen as follows:
+
+* FFN units and attention heads: the original units keep their place; each new one copies a randomly drawn
+  existing one (heads are copied whole, so the head size must match);
+* hidden units of the residual stream: target unit ``i`` copies ``i mod h_small``. When the target width is a
+  multiple of the small one every unit then has the same count, so LayerNorm's mean and variance are unchanged
+  and the grown model is exactly function-preserving. Other ratios leave LayerNorm's statistics slightly
+  changed, as in the paper.
+
+The LayerNorm that feeds the tied output embedding (GPT-2's ``ln_f``, BERT's head transform) is divided by the
+copy counts too: the tied embedding must copy its columns for the input side, so the division moves there.
+
+AKI ("advanced knowledge initialisation", Sec. 3.2, Eq. 8): as FPI, but the new units of layer ``l`` take their
+weights from layer ``l + 1`` of the small model (the top layer keeps FPI). It breaks the symmetry between copies
+and is not function-preserving.
+
+Depth (Sec. 3.3): stacking (StackBERT) of the widened model when the target is deeper (``growth.expand_layers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, BertForMaskedLM, GPT2LMHeadModel, PreTrainedModel
+
+from .config import ApolloError, ModelConfig
+from .growth import expand_layers
+from .models import build_model, get_layers, layer_path, width_axes, width_key
+
+WIDTH_INITS = ("aki", "fpi")
+
+
+@dataclass(frozen=True)
+class WidthMap:
+    """Per grown space (``h``, ``a``, ``qkv``, ``f``): the source unit of every target unit, the copy count of
+    every source unit, and which target units are new (not the original unit in its own place)."""
+
+    index: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor]
+    new: dict[str, torch.Tensor]
+
+
+def dims(config) -> tuple[int, int, int]:
+    """(hidden, heads, ffn) of a BERT or GPT-2 config."""
+    ffn = config.intermediate_size if config.model_type == "bert" else (config.n_inner or 4 * config.hidden_size)
+    return config.hidden_size, config.num_attention_heads, ffn
+
+
+def width_map(small_config, target_config, seed: int) -> WidthMap:
+    """The FPI unit choice (module docstring) from a small config to a target config, seeded."""
+    (h1, n1, f1), (h2, n2, f2) = dims(small_config), dims(target_config)
+    head = h1 // n1
+    gen = torch.Generator().manual_seed(seed)
+    heads = torch.cat([torch.arange(n1), torch.randint(0, n1, (n2 - n1,), generator=gen)])
+    index = {
+        "h": torch.arange(h2) % h1,
+        "a": (heads[:, None] * head + torch.arange(head)).flatten(),
+        "f": torch.cat([torch.arange(f1), torch.randint(0, f1, (f2 - f1,), generator=gen)]),
+    }
+    index["qkv"] = torch.cat([index["a"] + k * h1 for k in range(3)])  # GPT-2's fused q|k|v
+    counts = {s: torch.bincount(g, minlength=int(g.max()) + 1).to(torch.float32) for s, g in index.items()}
+    new = {s: torch.arange(len(g)) >= n for s, g, n in (("h", index["h"], h1), ("a", index["a"], h1),
+                                                         ("f", index["f"], f1))}
+    new["qkv"] = new["a"].repeat(3)
+    return WidthMap(index, counts, new)
+
+
+def expand(w: torch.Tensor, axes: tuple[str, ...], wmap: WidthMap) -> torch.Tensor:
+    """FPI of one parameter: index every grown axis by the unit map; divide "/" axes by the copy counts."""
+    for dim, code in enumerate(axes):
+        space = code.rstrip("/")
+        if not space:
+            continue
+        g = wmap.index[space]
+        w = w.index_select(dim, g)
+        if code.endswith("/"):
+            shape = [1] * w.ndim
+            shape[dim] = -1
+            w = w / wmap.counts[space][g].view(shape)
+    return w
+
+
+def new_units(shape: torch.Size, axes: tuple[str, ...], wmap: WidthMap) -> torch.Tensor:
+    """Boolean mask over a grown parameter: True where an output axis (no "/") indexes a new unit."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for dim, code in enumerate(axes):
+        if code and not code.endswith("/"):
+            view = [1] * len(shape)
+            view[dim] = -1
+            mask = mask | wmap.new[code].view(view)
+    return mask
+
+
+def widen(small: nn.Module, target: nn.Module, wmap: WidthMap, init: str) -> dict[str, torch.Tensor]:
+    """The target's parameters (name -> tensor) grown from ``small`` (same depth) by FPI or AKI."""
+    if init not in WIDTH_INITS:
+        raise ApolloError(f"unknown width init {init!r} (choose from {', '.join(WIDTH_INITS)})")
+    axes = width_axes(small)
+    source = {n: p.detach() for n, p in small.named_parameters()}
+    fpi = {n: expand(source[n], axes[width_key(target, n)], wmap) for n, _ in target.named_parameters()}
+    if init == "fpi":
+        return fpi
+    prefix, depth = layer_path(target) + ".", len(get_layers(small))
+    aki = dict(fpi)
+    for name, w in fpi.items():
+        if not name.startswith(prefix):
+            continue
+        index, rest = name[len(prefix):].split(".", 1)
+        if int(index) + 1 < depth:  # the top layer has no layer above it and keeps FPI
+            mask = new_units(w.shape, axes[width_key(target, name)], wmap)
+            aki[name] = torch.where(mask, fpi[f"{prefix}{int(index) + 1}.{rest}"], w)
+    return aki
+
+
+def small_dir(run_dir: str | Path) -> str:
+    """The model directory of a run (``RUN/model``), or ``run_dir`` itself when it is a model directory."""
+    path = Path(run_dir)
+    return str(path / "model" if (path / "model").is_dir() else path)
+
+
+def load_small(run_dir: str | Path, target: ModelConfig) -> PreTrainedModel:
+    """The trained model of a run directory (``RUN/model`` or a model directory), checked against the target."""
+    path = Path(small_dir(run_dir))
+    if not (path / "config.json").is_file():
+        raise ApolloError(f"--small-model {run_dir}: no trained model there (expected {path}/config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel}.get(config.model_type)
+        if cls is None:
+            raise ApolloError(f"--small-model {run_dir}: model type {config.model_type!r} (need bert or gpt2)")
+        small = cls.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ApolloError):
+            raise
+        raise ApolloError(f"cannot load --small-model {run_dir}: {str(e).splitlines()[0]}") from None
+    check_small(small.config, target)
+    return small.eval()
+
+
+def check_small(small, target: ModelConfig) -> None:
+    """The small model must be growable into the target: same kind, vocabulary, positions and head size."""
+    (h1, n1, f1), depth = dims(small), small.num_hidden_layers
+    if small.model_type != target.arch:
+        raise ApolloError(f"small model is {small.model_type}, the target is {target.arch}")
+    if small.vocab_size != target.vocab or small.max_position_embeddings != target.seq_len:
+        raise ApolloError(f"small model has vocab {small.vocab_size} / {small.max_position_embeddings} positions, "
+                          f"the target {target.vocab} / {target.seq_len}; they must match")
+    if h1 // n1 != target.hidden // target.heads:
+        raise ApolloError(f"head size differs: small {h1}/{n1} heads, target {target.hidden}/{target.heads} "
+                          "(heads are copied whole)")
+    if h1 > target.hidden or f1 > target.ffn or depth > target.layers:
+        raise ApolloError(f"small model (hidden {h1}, ffn {f1}, {depth} layers) is larger than the target "
+                          f"(hidden {target.hidden}, ffn {target.ffn}, {target.layers} layers)")
+
+
+def target_model(small: PreTrainedModel, target: ModelConfig, seed: int) -> PreTrainedModel:
+    """A target-width model with the small model's depth, whose weights are to be overwritten."""
+    return build_model(target, small.config.num_hidden_layers, seed)
+
+
+def bert2bert(small: PreTrainedModel, target: ModelConfig, init: str, new_layers: str, seed: int) -> PreTrainedModel:
+    """bert2BERT: widen ``small`` to the target width by FPI or AKI, then stack it to the target depth."""
+    model = target_model(small, target, seed)
+    grown = widen(small, model, width_map(small.config, model.config, seed), init)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(grown[name])
+    if target.layers > len(get_layers(model)):
+        expand_layers(model, target.layers, "stacking", new_layers)
+    return model
+
+
+def small_shape(target: ModelConfig, hidden: int = 0, layers: int = 0) -> ModelConfig:
+    """The default small model for a target: half the width (same head size, FFN scaled alike), same depth."""
+    hidden = hidden or target.hidden // 2
+    head = target.hidden // target.heads
+    if hidden % head or hidden > target.hidden:
+        raise ApolloError(f"--small-hidden {hidden} must be a multiple of the head size {head} and <= {target.hidden}")
+    return dataclasses.replace(target, hidden=hidden, heads=hidden // head, ffn=target.ffn * hidden // target.hidden,
+                               layers=layers or target.layers)
