@@ -20,6 +20,10 @@ weights from layer ``l + 1`` of the small model (the top layer keeps FPI). It br
 and is not function-preserving.
 
 Depth (Sec. 3.3): stacking (StackBERT) of the widened model when the target is deeper (``growth.expand_layers``).
+Stacked copies are the paper's (``new_layers="copy"``, not function-preserving) or identity layers
+(``"zeroed"``): zeroed residual outputs, which is enough for pre-LN GPT-2; for post-LN BERT the copies' LayerNorms
+are also handed the affine of the layer below (``hand_off_layernorms``), so the grown model is exactly
+function-preserving in depth too.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from torch import nn
 from transformers import AutoConfig, BertForMaskedLM, GPT2LMHeadModel, PreTrainedModel
 
 from .config import ApolloError, ModelConfig
-from .growth import expand_layers
-from .models import build_model, get_layers, layer_path, width_axes, width_key
+from .growth import expand_layers, zeroed_params
+from .models import POST_LN, build_model, get_layers, layer_path, width_axes, width_key
 
 WIDTH_INITS = ("aki", "fpi")
 
@@ -162,6 +166,36 @@ def check_small(small, target: ModelConfig) -> None:
                           f"(hidden {target.hidden}, ffn {target.ffn}, {target.layers} layers)")
 
 
+def hand_off_layernorms(model: nn.Module, source: list[int]) -> None:
+    """Make post-LN repeat copies (zeroed residual outputs) exact identities.
+
+    A post-LN layer whose branches add nothing still applies ``LN(x)`` to a stream ``x = g * n + b`` that an earlier
+    LayerNorm produced (``n`` normalised), and ``LN(g * n + b)`` is not ``x``. So the layer below a run of copies
+    outputs plain ``n`` (its last LayerNorm gets weight 1, bias 0), every copy's LayerNorms are the identity on an
+    already normalised ``n`` (``LN(n) = n`` up to eps), and the last copy's output LayerNorm applies the ``g, b``
+    taken from the layer below.
+    """
+    names = POST_LN.get(model.config.model_type)
+    layers = get_layers(model)
+    zeroed = {id(p) for p in zeroed_params(model, layers, source)}
+    copies = [any(id(p) in zeroed for p in layer.parameters()) for layer in layers]
+    with torch.no_grad():
+        for j in range(1, len(layers)):
+            if not names or not copies[j] or copies[j - 1]:
+                continue
+            end = j
+            while end + 1 < len(layers) and copies[end + 1]:
+                end += 1
+            below = layers[j - 1].get_submodule(names[1])
+            affine = below.weight.clone(), below.bias.clone()
+            for ln in [below] + [layers[k].get_submodule(n) for k in range(j, end + 1) for n in names]:
+                ln.weight.fill_(1.0)
+                ln.bias.zero_()
+            top = layers[end].get_submodule(names[1])
+            top.weight.copy_(affine[0])
+            top.bias.copy_(affine[1])
+
+
 def target_model(small: PreTrainedModel, target: ModelConfig, seed: int) -> PreTrainedModel:
     """A target-width model with the small model's depth, whose weights are to be overwritten."""
     return build_model(target, small.config.num_hidden_layers, seed)
@@ -175,7 +209,9 @@ def bert2bert(small: PreTrainedModel, target: ModelConfig, init: str, new_layers
         for name, p in model.named_parameters():
             p.copy_(grown[name])
     if target.layers > len(get_layers(model)):
-        expand_layers(model, target.layers, "stacking", new_layers)
+        source = expand_layers(model, target.layers, "stacking", new_layers)
+        if new_layers == "zeroed":
+            hand_off_layernorms(model, source)
     return model
 
 

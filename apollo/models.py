@@ -22,6 +22,9 @@ ARCHS = ("bert", "gpt2")
 RESIDUAL_OUTPUTS = {"gpt2": ("attn.c_proj", "mlp.c_proj"), "bert": ("attention.output.dense", "output.dense"),
                     "roberta": ("attention.output.dense", "output.dense"),
                     "llama": ("self_attn.o_proj", "mlp.down_proj")}
+# Post-LN model types: the LayerNorms after a layer's attention and FFN residual sums (identity layers need them).
+POST_LN = {"bert": ("attention.output.LayerNorm", "output.LayerNorm"),
+           "roberta": ("attention.output.LayerNorm", "output.LayerNorm")}
 # Width growth (bert2BERT, LiGO): per model type, what each axis of each parameter indexes. Keys are parameter
 # names, with "*" for a layer's prefix; an axis is "" (not grown: vocabulary, positions, layers), "h" (hidden
 # units of the residual stream), "a" (attention units, grown head by head), "qkv" (GPT-2's fused q|k|v, three

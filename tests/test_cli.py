@@ -71,6 +71,11 @@ BAD = [
     (["--hidden", "abc"], "expected int"),
     (["--data", "/nonexistent/corpus.txt"], "corpus.txt"),
     (["--bogus-flag", "1"], "unrecognized arguments"),
+    (["--method", "bert2bert"], "needs --small-model"),
+    (["--method", "scratch", "--small-model", "/nonexistent"], "used only by bert2bert and ligo"),
+    (["--method", "ligo", "--small-model", "/nonexistent/run"], "no trained model"),
+    (["--method", "bert2bert", "--small-model", "x", "--width-init", "wide"], "unknown width init"),
+    (["--method", "ligo", "--small-model", "x", "--width-init", "aki"], "starts from FPI"),
 ]
 
 

@@ -152,3 +152,40 @@ def test_rewarm_and_grad_norm_are_logged(tmp_path):
         factor = 1.0 if s["step"] < 4 or since >= 4 else (since + 1) / 4
         assert s["lr"] == pytest.approx(lr_at(s["step"], 40, cfg.train) * factor)
         assert s["grad_norm"] > 0
+
+
+def test_bert2bert_and_ligo_grow_from_a_small_run_trained_by_compare(tmp_path, arch):
+    base = tiny_run(tmp_path, arch, steps=20)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, layers=4), out=str(tmp_path / "cmp"),
+                              method=MethodConfig("apollo", width_init="fpi", ligo_steps=5))
+    compare(cfg, ["scratch", "bert2bert", "ligo"], small_layers=2)
+    out = tmp_path / "cmp"
+    small = json.loads((out / "small" / "model" / "config.json").read_text())
+    assert small.get("num_hidden_layers", small.get("n_layer")) == 2 and small.get("hidden_size", small.get("n_embd")) == 16
+    b2b = records(out / "bert2bert", "eval")
+    assert b2b[0]["step"] == 0 and b2b[0]["flops"] == 0 and len(b2b) == 3
+    ops = records(out / "ligo", "operator_step")
+    assert [o["step"] for o in ops] == list(range(5))
+    ligo = records(out / "ligo", "eval")
+    assert ligo[0]["step"] == 0 and ligo[0]["flops"] == ops[-1]["flops"] > 0 and ligo[-1]["flops"] > ops[-1]["flops"]
+    grow = records(out / "ligo", "grow")[0]
+    assert (grow["from"], grow["to"], grow["operator_steps"]) == (2, 4, 5)
+    md = (out / "results.md").read_text()
+    assert "bert2bert grew from" in md and "ligo grew from" in md and "| ligo |" in md
+
+
+def test_function_preserving_bert2bert_starts_at_the_small_models_loss(tmp_path, arch):
+    small_cfg = tiny_run(tmp_path, arch, method="scratch", steps=20)
+    small_cfg = dataclasses.replace(small_cfg, model=dataclasses.replace(small_cfg.model, hidden=16, heads=1,
+                                                                          ffn=32, layers=2))
+    train(small_cfg)
+    base = tiny_run(tmp_path, arch, method="bert2bert", steps=10)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, layers=4, heads=2),
+                              method=MethodConfig("bert2bert", small_model=small_cfg.out, width_init="fpi",
+                                                  new_layers="zeroed"))
+    train(cfg)
+    start = records(tmp_path / f"{arch}-bert2bert", "eval")[0]
+    assert start["step"] == 0
+    assert start["val_loss"] == pytest.approx(records(tmp_path / f"{arch}-scratch", "eval")[-1]["val_loss"], abs=1e-4)
+    with pytest.raises(ApolloError, match="already exists"):
+        train(cfg)
