@@ -3,18 +3,21 @@
 The pieces are usable from your own training loop::
 
     from apollo import DepthSampler, layer_map, shared_layers, grow, train_flops
+    from apollo import bert2bert, LiGO          # growth from a trained smaller model
 """
 
+from .bert2bert import bert2bert
 from .config import ApolloError, DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, preset
 from .flops import forward_flops, train_flops
 from .growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
+from .ligo import LiGO
 from .models import build_model, get_layers, set_layers
 from .sampling import DepthSampler, depth_distribution, sample_depths
 from .schedule import Schedule, resolve_schedule
 
 __all__ = [
-    "ApolloError", "DataConfig", "DepthSampler", "MethodConfig", "ModelConfig", "RunConfig", "Schedule",
-    "TrainConfig", "build_model", "compare", "depth_distribution", "expand_layers", "forward_flops",
+    "ApolloError", "DataConfig", "DepthSampler", "LiGO", "MethodConfig", "ModelConfig", "RunConfig", "Schedule",
+    "TrainConfig", "bert2bert", "build_model", "compare", "depth_distribution", "expand_layers", "forward_flops",
     "get_layers", "grow", "interpolation_map", "layer_map", "preset", "resolve_schedule", "sample_depths",
     "set_layers", "shared_layers", "stacking_map", "train", "train_flops",
 ]

@@ -376,6 +376,7 @@ def _load_tokenizer(path: str, model: ModelConfig) -> PreTrainedTokenizerBase:
     missing = [name for name in needed if getattr(tok, name) is None]
     if missing:
         raise ApolloError(f"tokenizer {path} lacks {', '.join(missing)} needed for {model.arch}")
+    tok.model_max_length = int(1e30)  # a saved run's tokenizer truncates to its block size; packing needs whole texts
     return tok
 
 

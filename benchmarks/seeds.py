@@ -89,7 +89,8 @@ def main() -> None:
     for key in sorted(groups):
         runs = sorted(groups[key], key=lambda p: p["seed"])
         s = spread([p["scratch"] for p in runs])
-        methods = [m for m in ("stackbert", "apollo", "apollo-plus") if all(m in p["methods"] for p in runs)]
+        methods = [m for m in ("stackbert", "apollo", "apollo-plus", "bert2bert", "ligo")
+                   if all(m in p["methods"] for p in runs)]
         for m in methods:
             per = [p["methods"][m] for p in runs]
             row = {"arch": key[0], "hidden": key[1], "tokens": key[2], "seeds": [p["seed"] for p in runs],

@@ -161,7 +161,8 @@ def test_bert2bert_and_ligo_grow_from_a_small_run_trained_by_compare(tmp_path, a
     compare(cfg, ["scratch", "bert2bert", "ligo"], small_layers=2)
     out = tmp_path / "cmp"
     small = json.loads((out / "small" / "model" / "config.json").read_text())
-    assert small.get("num_hidden_layers", small.get("n_layer")) == 2 and small.get("hidden_size", small.get("n_embd")) == 16
+    shape = small.get("num_hidden_layers", small.get("n_layer")), small.get("hidden_size", small.get("n_embd"))
+    assert shape == (2, 16)
     b2b = records(out / "bert2bert", "eval")
     assert b2b[0]["step"] == 0 and b2b[0]["flops"] == 0 and len(b2b) == 3
     ops = records(out / "ligo", "operator_step")
