@@ -196,14 +196,9 @@ def hand_off_layernorms(model: nn.Module, source: list[int]) -> None:
             top.bias.copy_(affine[1])
 
 
-def target_model(small: PreTrainedModel, target: ModelConfig, seed: int) -> PreTrainedModel:
-    """A target-width model with the small model's depth, whose weights are to be overwritten."""
-    return build_model(target, small.config.num_hidden_layers, seed)
-
-
 def bert2bert(small: PreTrainedModel, target: ModelConfig, init: str, new_layers: str, seed: int) -> PreTrainedModel:
     """bert2BERT: widen ``small`` to the target width by FPI or AKI, then stack it to the target depth."""
-    model = target_model(small, target, seed)
+    model = build_model(target, small.config.num_hidden_layers, seed)  # target width, small depth; overwritten
     grown = widen(small, model, width_map(small.config, model.config, seed), init)
     with torch.no_grad():
         for name, p in model.named_parameters():
