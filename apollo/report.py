@@ -128,7 +128,8 @@ def small_model_notes(runs: dict[str, Path], rows: list[Row]) -> list[str]:
     """
     notes = []
     for row in rows:
-        small = load_yaml(Path(runs[row.method]) / "config.yaml").method.small_model
+        config = Path(runs[row.method]) / "config.yaml"
+        small = load_yaml(config).method.small_model if config.exists() else ""
         if not small:
             continue
         summary = read_summary(Path(small))
