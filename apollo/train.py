@@ -1,4 +1,7 @@
-"""The training loop, top to bottom: one loop for Scratch, StackBERT and Apollo.
+"""The training loop, top to bottom: one loop for Scratch, StackBERT, Apollo, bert2BERT and LiGO.
+
+bert2BERT and LiGO differ only in where the model starts: grown from a trained small model (LiGO after
+training its growth operator, whose steps are logged and counted first); then they train at full depth.
 
 Per step: (at a stage boundary: grow + rebuild the optimizer) -> set the learning rate -> for each
 micro-batch draw a depth, share the live layers across it, forward/backward, count its FLOPs ->
