@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    points = [read_dir(Path(d)) for d in args.dirs if (Path(d) / "results.csv").is_file()]
+    # A point is a comparison folder (it has a StackBERT run); small-model-only folders are skipped.
+    points = [read_dir(Path(d)) for d in args.dirs if (Path(d) / "stackbert" / "summary.json").is_file()]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for p in points:
         groups[p["key"]].append(p)
