@@ -61,7 +61,60 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--small-layers", type=int, default=0,
                          help="... and its depth (default: the target's)")
     _add_config_flags(compare, skip=("method",))
+    finetune = sub.add_parser("finetune", help="fine-tune a run's model on a GLUE task or SQuAD and report the metric")
+    finetune.add_argument("--model", required=True, help="a run directory (or a saved HF model directory)")
+    finetune.add_argument("--task", required=True, help="sst2 | mrpc | rte | stsb | wnli | cola | qnli | mnli | qqp "
+                                                        "| squad | squad_v2")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--out", help="where to write result.json (default: RUN/finetune/TASK-sSEED)")
+    _add_finetune_flags(finetune)
+    evaluate = sub.add_parser("evaluate", help="fine-tune several runs on several tasks and seeds: a Table-4 table")
+    evaluate.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR")
+    evaluate.add_argument("--tasks", default="sst2,mrpc,rte,stsb", help="comma-separated tasks")
+    evaluate.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
+    evaluate.add_argument("--lm-test", nargs="+", default=(), metavar="FILE",
+                          help="also report each run's LM perplexity on these text files")
+    evaluate.add_argument("--out", default="runs/evaluate", help="results directory (finished fine-tunes are kept)")
+    _add_finetune_flags(evaluate)
     return parser
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    from .finetune import FinetuneConfig
+
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name not in ("task", "seed"):
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f"ft.{f.name}", type=type(f.default),
+                                default=f.default, metavar=type(f.default).__name__.upper())
+
+
+def _finetune_config(args: argparse.Namespace, task: str, seed: int):
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig(task=task, seed=seed,
+                          **{k.split(".")[1]: v for k, v in vars(args).items() if k.startswith("ft.")})
+
+
+def _downstream(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .finetune import evaluate_runs, finetune
+
+    if args.command == "finetune":
+        out = Path(args.out) if args.out else Path(args.model) / "finetune" / f"{args.task}-s{args.seed}"
+        r = finetune(Path(args.model), _finetune_config(args, args.task, args.seed), out)
+        metrics = ", ".join(f"{k} {v:.2f}" for k, v in r["test"].items())
+        print(f"{args.task}: test {metrics} (best dev epoch {r['best_epoch']}; {r['splits']}); wrote {out}/result.json")
+        return
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ApolloError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    out = Path(args.out)
+    table = evaluate_runs([Path(r) for r in args.runs], tasks, seeds, _finetune_config(args, "", 0), out,
+                          list(args.lm_test))
+    print(table + f"\nwrote {out}/results.md, results.csv")
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -88,6 +141,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("finetune", "evaluate"):
+            _downstream(args)
+            return 0
         cfg = resolve_config(args)
         if args.command == "train":
             from .train import train
