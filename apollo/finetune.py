@@ -53,6 +53,7 @@ class FinetuneConfig:
     max_length: int = 128  # capped by the model's position table
     max_train: int = 0  # use at most this many training examples (a fixed sample, the same for every seed); 0 = all
     dev_size: int = 1000  # examples held out of train when the official dev split becomes the test split
+    max_dev: int = 0  # score at most this many dev examples each epoch (a fixed sample); 0 = all
     patience: int = 2  # stop after this many dev evaluations without improvement; 0 = never
     doc_stride: int = 64  # SQuAD: overlap of consecutive context windows
     max_answer_length: int = 30
@@ -90,6 +91,10 @@ def task_splits(cfg: FinetuneConfig) -> tuple[dict[str, list], str]:
         keep = sorted(random.Random(1).sample(range(len(splits["train"])), cfg.max_train))
         splits["train"] = [splits["train"][i] for i in keep]
         note += f"; train = fixed sample of {cfg.max_train}"
+    if cfg.max_dev and len(splits["dev"]) > cfg.max_dev:
+        keep = sorted(random.Random(2).sample(range(len(splits["dev"])), cfg.max_dev))
+        splits["dev"] = [splits["dev"][i] for i in keep]
+        note += f"; dev = fixed sample of {cfg.max_dev}"
     return splits, note
 
 
@@ -342,7 +347,8 @@ def write_table(results: list[dict], tasks: list[str], out: Path, ppl: dict[str,
 
 def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: FinetuneConfig, out: Path,
                   lm_test: list[str] = (), log=print) -> str:
-    """Fine-tune every run on every task with every seed (finished ones in ``out`` are kept) and write the table."""
+    """Fine-tune every run on every task with every seed and write the table. Finished fine-tunes in ``out`` with
+    the same settings are kept, so an interrupted evaluation resumes."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ApolloError(f"unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
@@ -360,12 +366,13 @@ def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: Fin
         for task in tasks:
             for seed in seeds:
                 where = out / label.replace(" ", "_").replace("(", "").replace(")", "") / f"{task}-s{seed}"
-                if (where / "result.json").is_file():
-                    result = json.loads((where / "result.json").read_text())
-                else:
+                ft = FinetuneConfig(**{**asdict(cfg), "task": task, "seed": seed})
+                saved = json.loads((where / "result.json").read_text()) if (where / "result.json").is_file() else {}
+                if saved.get("config") == asdict(ft):
+                    result = saved
+                else:  # not run yet, or run with other settings: (re)train
                     log(f"fine-tuning {label} on {task}, seed {seed}")
-                    result = finetune(run, FinetuneConfig(**{**asdict(cfg), "task": task, "seed": seed}), where,
-                                      log=log)
+                    result = finetune(run, ft, where, log=log)
                 results.append(result | {"label": label})
     ppl = {label: lm_perplexity(run, list(lm_test)) for run, label in labels.items()} if lm_test else None
     return write_table(results, tasks, out, ppl)

@@ -111,6 +111,8 @@ def test_splits_missing_and_hidden_test(glue_dir, tmp_path):
     assert len(s["dev"]) == 96 and len(s["train"]) == 384 and len(s["test"]) == 120 and "official dev" in note
     s2, _ = task_splits(FinetuneConfig("sst2", data_dir=str(glue_dir), dev_size=100, seed=7, max_train=50))
     assert s2["dev"] == s["dev"] and len(s2["train"]) == 50
+    s3, note = task_splits(FinetuneConfig("sst2", data_dir=str(glue_dir), dev_size=100, max_dev=30))
+    assert len(s3["dev"]) == 30 and set(s3["dev"]) <= set(s["dev"]) and s3["test"] == s["test"] and "of 30" in note
 
 
 def test_hub_rows_convert():
@@ -248,6 +250,11 @@ def test_evaluate_table(models, glue_dir, tmp_path):
     stamp = (out / "scratch" / "sst2-s0" / "result.json").stat().st_mtime_ns
     assert evaluate_runs([models["bert"], models["gpt2"]], ["sst2"], [0, 1], cfg, out, log=lambda _: None) == table
     assert (out / "scratch" / "sst2-s0" / "result.json").stat().st_mtime_ns == stamp
+    # ... but one run with other settings is redone
+    other = FinetuneConfig("", data_dir=str(glue_dir), epochs=1, batch_size=32, lr=1e-3, dev_size=100)
+    evaluate_runs([models["bert"]], ["sst2"], [0], other, out, log=lambda _: None)
+    assert (out / "scratch" / "sst2-s0" / "result.json").stat().st_mtime_ns != stamp
+    assert json.loads((out / "scratch" / "sst2-s0" / "result.json").read_text())["config"]["lr"] == 1e-3
 
 
 @pytest.mark.parametrize("args, message", [
