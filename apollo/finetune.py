@@ -221,6 +221,9 @@ def finetune(run: Path, cfg: FinetuneConfig, out: Path | None = None, log=print)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     tok, model = _load(cfg, path)
+    if cfg.task in squad.SQUAD_TASKS and not 0 <= cfg.doc_stride < tok.model_max_length // 2:
+        raise ApolloError(f"doc_stride must be in [0, max_length / 2), got {cfg.doc_stride} with a max length of "
+                          f"{tok.model_max_length} (the model's positions cap --max-length)")
     train, collate, score_dev, score_test = _scorer(cfg, tok, splits)
     headline = HEADLINE[cfg.task]
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)

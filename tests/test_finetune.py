@@ -261,6 +261,8 @@ def test_evaluate_table(models, glue_dir, tmp_path):
     (["finetune", "--model", "{model}", "--task", "sst3", "--data-dir", "{glue}"], "unknown task 'sst3'"),
     (["finetune", "--model", "{model}", "--task", "rte", "--data-dir", "{glue}"], "rte: missing train split"),
     (["finetune", "--model", "{empty}", "--task", "sst2", "--data-dir", "{glue}"], "holds no saved model"),
+    (["finetune", "--model", "{model}", "--task", "squad", "--data-dir", "{glue}"], "squad: missing train split"),
+    (["finetune", "--model", "{model}", "--task", "sst2", "--data-dir", "{empty}/nope"], "is not a directory"),
     (["evaluate", "--runs", "{model}", "--tasks", "sst2,cola9", "--data-dir", "{glue}"], "unknown task 'cola9'"),
     (["evaluate", "--runs", "{model}", "--seeds", "0,x", "--data-dir", "{glue}"], "--seeds must be"),
 ])
@@ -271,3 +273,18 @@ def test_bad_input_is_one_line_exit_2(models, glue_dir, tmp_path, capsys, args, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_squad_finetune_end_to_end(models, arch, tmp_path):
+    def qa(i):
+        city, country = ("Paris", "France") if i % 2 == 0 else ("Berlin", "Germany")
+        return {"id": f"q{i}", "question": f"What is the capital of {country} ?",
+                "answers": [{"text": city, "answer_start": CONTEXT.index(city)}]}
+
+    for name, n in (("train-v1.1.json", 10), ("dev-v1.1.json", 2)):
+        paragraphs = [{"context": CONTEXT, "qas": [qa(i) for i in range(n)]}]
+        (tmp_path / name).write_text(json.dumps({"data": [{"title": "t", "paragraphs": paragraphs}]}))
+    cfg = FinetuneConfig("squad", data_dir=str(tmp_path), epochs=2, batch_size=4, lr=1e-3, dev_size=2, doc_stride=16)
+    r = finetune(models[arch], cfg, None, log=lambda _: None)
+    assert set(r["test"]) == {"f1", "exact_match"} and r["test_examples"] == 2 and r["dev_examples"] == 2
+    assert 0.0 <= r["test"]["f1"] <= 100.0
