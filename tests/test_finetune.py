@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_model_config
 
 from apollo.cli import main
@@ -288,3 +289,39 @@ def test_squad_finetune_end_to_end(models, arch, tmp_path):
     r = finetune(models[arch], cfg, None, log=lambda _: None)
     assert set(r["test"]) == {"f1", "exact_match"} and r["test_examples"] == 2 and r["dev_examples"] == 2
     assert 0.0 <= r["test"]["f1"] <= 100.0
+
+
+def test_lm_perplexity_matches_the_hf_loss(models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from apollo.data import pack_blocks
+    from apollo.finetune import lm_perplexity
+
+    text = tmp_path / "test.txt"
+    text.write_text("\n".join(s for s, _ in _sentiment(200, 9)) + "\n")
+    ppl = lm_perplexity(models["gpt2"], [str(text)])
+    model = AutoModelForCausalLM.from_pretrained(models["gpt2"] / "model").eval()
+    blocks = pack_blocks(text.read_text().splitlines(), AutoTokenizer.from_pretrained(models["gpt2"] / "model"), 64,
+                         "gpt2")
+    with torch.no_grad():  # one batch of equal-length blocks: HF's mean loss is the mean token loss
+        expected = float(torch.exp(model(input_ids=blocks, labels=blocks).loss))
+    assert ppl == pytest.approx(expected, rel=1e-4)
+    assert 1 < lm_perplexity(models["bert"], [str(text)]) < 10 * 512  # MLM: finite, below a few x vocab size
+
+
+def test_table_mean_std_average_and_perplexity(tmp_path):
+    from apollo.finetune import write_table
+
+    def result(label, task, seed, value):
+        metric = "accuracy" if task == "rte" else "spearman"
+        return {"label": label, "run": label, "task": task, "seed": seed, "metric": metric, "splits": "s",
+                "dev": {metric: 0.0}, "test": {metric: value}}
+
+    results = [result("a", "rte", 0, 50.0), result("a", "rte", 1, 54.0), result("a", "stsb", 0, 10.0),
+               result("a", "stsb", 1, 20.0), result("b", "rte", 0, 60.0)]
+    table = write_table(results, ["rte", "stsb"], tmp_path, {"a": 123.45, "b": 7.0})
+    rows = table.splitlines()
+    assert rows[0] == "| method | rte (accuracy) | stsb (spearman) | average | LM perplexity |"
+    # mean ± sample std (ddof 1); the average is over the task means; a missing task leaves no average
+    assert rows[2] == "| a | 52.0 ± 2.8 | 15.0 ± 7.1 | 33.5 | 123.5 |"
+    assert rows[3] == "| b | 60.0 | – | – | 7.0 |"
