@@ -100,7 +100,10 @@ def task_splits(cfg: FinetuneConfig) -> tuple[dict[str, list], str]:
 
 def _load(cfg: FinetuneConfig, path: Path):
     """Tokenizer and the task model on the run's weights (new head initialised from the seed)."""
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ApolloError(f"cannot load the tokenizer in {path}: {(str(e).splitlines() or [''])[0][:200]}") from None
     qa = cfg.task in squad.SQUAD_TASKS
     extra = {} if qa else {"num_labels": GLUE_TASKS[cfg.task].num_labels,
                           "problem_type": "regression" if not GLUE_TASKS[cfg.task].labels else
@@ -119,8 +122,8 @@ def _load(cfg: FinetuneConfig, path: Path):
     try:
         with _quiet():
             model = auto.from_pretrained(path, config=config)
-    except ValueError as e:  # an architecture without this task head
-        raise ApolloError(f"{path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:  # no weights, or an architecture without this task head
+        raise ApolloError(f"cannot load {path} for {cfg.task}: {(str(e).splitlines() or [''])[0][:200]}") from None
     return tok, model
 
 

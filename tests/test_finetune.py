@@ -263,13 +263,17 @@ def test_evaluate_table(models, glue_dir, tmp_path):
     (["finetune", "--model", "{model}", "--task", "rte", "--data-dir", "{glue}"], "rte: missing train split"),
     (["finetune", "--model", "{empty}", "--task", "sst2", "--data-dir", "{glue}"], "holds no saved model"),
     (["finetune", "--model", "{model}", "--task", "squad", "--data-dir", "{glue}"], "squad: missing train split"),
+    (["finetune", "--model", "{noweights}", "--task", "sst2", "--data-dir", "{glue}"], "cannot load"),
     (["finetune", "--model", "{model}", "--task", "sst2", "--data-dir", "{empty}/nope"], "is not a directory"),
     (["evaluate", "--runs", "{model}", "--tasks", "sst2,cola9", "--data-dir", "{glue}"], "unknown task 'cola9'"),
     (["evaluate", "--runs", "{model}", "--seeds", "0,x", "--data-dir", "{glue}"], "--seeds must be"),
 ])
 def test_bad_input_is_one_line_exit_2(models, glue_dir, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
-    subs = {"{model}": str(models["bert"]), "{glue}": str(glue_dir), "{empty}": str(tmp_path / "empty")}
+    (tmp_path / "noweights").mkdir()  # a config but no weights
+    (tmp_path / "noweights" / "config.json").write_text((models["bert"] / "model" / "config.json").read_text())
+    subs = {"{model}": str(models["bert"]), "{glue}": str(glue_dir), "{empty}": str(tmp_path / "empty"),
+            "{noweights}": str(tmp_path / "noweights")}
     assert main([subs.get(a, a) for a in args] + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
