@@ -7,6 +7,7 @@ Configs are frozen; overrides make new instances with ``dataclasses.replace``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,14 +195,19 @@ def from_dict(d: dict, base: RunConfig | None = None) -> RunConfig:
             changes = {}
             for k, v in value.items():
                 if k not in hints:
-                    raise ApolloError(f"unknown config key {key}.{k}")
+                    raise ApolloError(f"unknown config key {key}.{k}{_suggest(str(k), hints)}")
                 changes[k] = _coerce(v, hints[k], f"{key}.{k}")
             top[key] = dataclasses.replace(getattr(cfg, key), **changes)
         elif key in ("out", "preset"):
             top[key] = str(value)
         else:
-            raise ApolloError(f"unknown config key {key!r}")
+            raise ApolloError(f"unknown config key {key!r}{_suggest(str(key), (*SECTIONS, 'out', 'preset'))}")
     return dataclasses.replace(cfg, **top)
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def to_dict(cfg: RunConfig) -> dict:

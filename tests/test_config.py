@@ -39,8 +39,12 @@ def test_from_dict_rejects_unknown_keys_and_bad_types():
     base = preset("bert-tiny")
     assert from_dict({"model": {"hidden": "256"}}, base).model.hidden == 256
     assert from_dict({"method": {"stages": "1,3,6,12"}}, base).method.stages == (1, 3, 6, 12)
-    with pytest.raises(ApolloError, match="unknown config key"):
+    with pytest.raises(ApolloError, match=r"unknown config key model.hiden \(did you mean 'hidden'\?\)"):
         from_dict({"model": {"hiden": 3}}, base)
+    with pytest.raises(ApolloError, match=r"unknown config key 'trian' \(did you mean 'train'\?\)"):
+        from_dict({"trian": {}}, base)
+    with pytest.raises(ApolloError, match=r"unknown config key 'zzz'$"):
+        from_dict({"zzz": {}}, base)
     with pytest.raises(ApolloError, match="expected int"):
         from_dict({"train": {"batch_size": "many"}}, base)
     assert to_dict(base)["model"]["hidden"] == base.model.hidden
