@@ -77,7 +77,7 @@ def task_splits(cfg: FinetuneConfig) -> tuple[dict[str, list], str]:
         splits = squad.squad_splits(cfg.task, data_dir)
     else:
         splits = tsv_splits(GLUE_TASKS[cfg.task], data_dir) if data_dir else hub_splits(GLUE_TASKS[cfg.task])
-    note = "test = official test"
+    note = "test = the test split"
     if "test" not in splits:  # hidden test labels: report on dev, select on a slice of train
         order = list(range(len(splits["train"])))
         random.Random(0).shuffle(order)  # fixed: every seed and run sees the same split
@@ -86,7 +86,7 @@ def task_splits(cfg: FinetuneConfig) -> tuple[dict[str, list], str]:
             raise ApolloError(f"{cfg.task}: train split too small ({len(order)}) to hold out a dev split")
         splits = {"train": [splits["train"][i] for i in sorted(order[n_dev:])],
                   "dev": [splits["train"][i] for i in sorted(order[:n_dev])], "test": splits["dev"]}
-        note = f"test = official dev; dev = {n_dev} examples held out of train"
+        note = f"test = the dev split (test labels hidden); dev = {n_dev} examples held out of train"
     if cfg.max_train and len(splits["train"]) > cfg.max_train:
         keep = sorted(random.Random(1).sample(range(len(splits["train"])), cfg.max_train))
         splits["train"] = [splits["train"][i] for i in keep]

@@ -109,7 +109,7 @@ def test_splits_missing_and_hidden_test(glue_dir, tmp_path):
         tsv_splits(GLUE_TASKS["rte"], tmp_path)
     # hidden test labels: official dev becomes test, dev is a fixed slice of train, disjoint from it
     s, note = task_splits(FinetuneConfig("sst2", data_dir=str(glue_dir), dev_size=100))
-    assert len(s["dev"]) == 96 and len(s["train"]) == 384 and len(s["test"]) == 120 and "official dev" in note
+    assert len(s["dev"]) == 96 and len(s["train"]) == 384 and len(s["test"]) == 120 and "test = the dev split" in note
     s2, _ = task_splits(FinetuneConfig("sst2", data_dir=str(glue_dir), dev_size=100, seed=7, max_train=50))
     assert s2["dev"] == s["dev"] and len(s2["train"]) == 50
     s3, note = task_splits(FinetuneConfig("sst2", data_dir=str(glue_dir), dev_size=100, max_dev=30))
@@ -220,7 +220,7 @@ def test_tiny_finetune_learns_far_above_chance(models, glue_dir, arch, tmp_path)
     r = finetune(models[arch], cfg, tmp_path / "ft", log=lambda _: None)
     assert r["test"]["accuracy"] > 85.0, r["history"]
     assert json.loads((tmp_path / "ft" / "result.json").read_text())["test"] == r["test"]
-    assert r["splits"].startswith("test = official dev")
+    assert r["splits"].startswith("test = the dev split")
     # reproducible from the seed
     again = finetune(models[arch], cfg, None, log=lambda _: None)
     assert again["test"] == r["test"] and again["history"] == r["history"]
