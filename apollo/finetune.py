@@ -351,10 +351,16 @@ def write_table(results: list[dict], tasks: list[str], out: Path, ppl: dict[str,
     return table
 
 
+def _same_settings(saved: dict | None, wanted: dict) -> bool:
+    """Equal configs, ignoring the thread count (it changes only the order of float sums, not the experiment)."""
+    return saved is not None and {k: v for k, v in saved.items() if k != "threads"} == \
+        {k: v for k, v in wanted.items() if k != "threads"}
+
+
 def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: FinetuneConfig, out: Path,
                   lm_test: list[str] = (), log=print) -> str:
     """Fine-tune every run on every task with every seed and write the table. Finished fine-tunes in ``out`` with
-    the same settings are kept, so an interrupted evaluation resumes."""
+    the same settings (any thread count) are kept, so an interrupted evaluation resumes."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ApolloError(f"unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
@@ -374,7 +380,7 @@ def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: Fin
                 where = out / label.replace(" ", "_").replace("(", "").replace(")", "") / f"{task}-s{seed}"
                 ft = FinetuneConfig(**{**asdict(cfg), "task": task, "seed": seed})
                 saved = json.loads((where / "result.json").read_text()) if (where / "result.json").is_file() else {}
-                if saved.get("config") == asdict(ft):
+                if _same_settings(saved.get("config"), asdict(ft)):
                     result = saved
                 else:  # not run yet, or run with other settings: (re)train
                     log(f"fine-tuning {label} on {task}, seed {seed}")

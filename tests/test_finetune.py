@@ -1,5 +1,6 @@
 """Downstream evaluation: GLUE TSV variants, metrics, SQuAD processing, a tiny fine-tune, the table, and errors."""
 
+import dataclasses
 import json
 import random
 
@@ -251,7 +252,9 @@ def test_evaluate_table(models, glue_dir, tmp_path):
     stamp = (out / "scratch" / "sst2-s0" / "result.json").stat().st_mtime_ns
     assert evaluate_runs([models["bert"], models["gpt2"]], ["sst2"], [0, 1], cfg, out, log=lambda _: None) == table
     assert (out / "scratch" / "sst2-s0" / "result.json").stat().st_mtime_ns == stamp
-    # ... but one run with other settings is redone
+    # ... also with another thread count, but one run with other settings is redone
+    evaluate_runs([models["bert"]], ["sst2"], [0], dataclasses.replace(cfg, threads=1), out, log=lambda _: None)
+    assert (out / "scratch" / "sst2-s0" / "result.json").stat().st_mtime_ns == stamp
     other = FinetuneConfig("", data_dir=str(glue_dir), epochs=1, batch_size=32, lr=1e-3, dev_size=100)
     evaluate_runs([models["bert"]], ["sst2"], [0], other, out, log=lambda _: None)
     assert (out / "scratch" / "sst2-s0" / "result.json").stat().st_mtime_ns != stamp
