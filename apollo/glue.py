@@ -7,6 +7,7 @@ STS-B. Metrics come from scikit-learn and SciPy and are reported x100, as in the
 from __future__ import annotations
 
 import csv
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,8 +174,9 @@ def glue_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray) ->
             found[name] = f1_score(labels, predictions, zero_division=0.0)
         elif name == "mcc":
             found[name] = matthews_corrcoef(labels, predictions)
-        elif name == "pearson":
-            found[name] = pearsonr(predictions, labels).statistic if np.std(predictions) > 0 else 0.0
-        elif name == "spearman":
-            found[name] = spearmanr(predictions, labels).statistic if np.std(predictions) > 0 else 0.0
+        elif name in ("pearson", "spearman"):
+            with warnings.catch_warnings():  # SciPy warns (and returns NaN) on (near-)constant predictions
+                warnings.simplefilter("ignore")
+                r = (pearsonr if name == "pearson" else spearmanr)(predictions, labels).statistic
+            found[name] = r if np.isfinite(r) else 0.0  # a constant prediction carries no correlation
     return {k: 100 * float(v) for k, v in found.items()}

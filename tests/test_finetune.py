@@ -140,6 +140,8 @@ def test_metrics_known_values():
     # centred x = (-3, -2, -1, 6), y = (-1.5, -.5, .5, 1.5): r = 14 / sqrt(50 * 5); the ranks agree exactly
     assert s["spearman"] == pytest.approx(100.0) and s["pearson"] == pytest.approx(100 * 14 / 250**0.5)
     assert glue_metrics(GLUE_TASKS["stsb"], np.ones(4), np.arange(4.0))["pearson"] == 0.0  # constant prediction
+    nearly = np.float32(0.3) + np.array([0, 1e-9, 0, 0], dtype=np.float32)  # float noise only: NaN in SciPy
+    assert glue_metrics(GLUE_TASKS["stsb"], nearly, np.arange(4.0)) == {"spearman": 0.0, "pearson": 0.0}
 
 
 def test_squad_metrics_official_normalisation():
