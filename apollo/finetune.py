@@ -32,7 +32,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from . import squad
-from .config import ApolloError
+from .config import ApolloError, load_yaml
 from .glue import GLUE_TASKS, Example, glue_metrics, hub_splits, tsv_splits
 
 TASKS = (*GLUE_TASKS, *squad.SQUAD_TASKS)
@@ -115,8 +115,7 @@ def _load(cfg: FinetuneConfig, path: Path):
     if tok.pad_token is None:  # GPT-2: pad with eos; the classifier reads the last non-pad token
         tok.pad_token = tok.eos_token
     config.pad_token_id = tok.pad_token_id
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", cfg.max_length)
-    tok.model_max_length = min(cfg.max_length, positions)
+    tok.model_max_length = min(cfg.max_length, _positions(config))
     torch.manual_seed(cfg.seed)
     auto = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
     try:
@@ -125,6 +124,11 @@ def _load(cfg: FinetuneConfig, path: Path):
     except (OSError, ValueError) as e:  # no weights, or an architecture without this task head
         raise ApolloError(f"cannot load {path} for {cfg.task}: {(str(e).splitlines() or [''])[0][:200]}") from None
     return tok, model
+
+
+def _positions(config) -> int:
+    """The model's position-table size (BERT: max_position_embeddings, GPT-2: n_positions)."""
+    return getattr(config, "max_position_embeddings", None) or config.n_positions
 
 
 @contextlib.contextmanager
@@ -150,8 +154,7 @@ def _encode_glue(tok, rows: list[Example], max_length: int) -> list[dict]:
 
 
 def _batches(features: list[dict], collate, batch_size: int, generator: torch.Generator | None):
-    order = torch.randperm(len(features), generator=generator).tolist() if generator else range(len(features))
-    order = list(order)
+    order = torch.randperm(len(features), generator=generator).tolist() if generator else list(range(len(features)))
     for s in range(0, len(order), batch_size):
         yield collate([features[i] for i in order[s : s + batch_size]])
 
@@ -221,8 +224,6 @@ def finetune(run: Path, cfg: FinetuneConfig, out: Path | None = None, log=print)
     splits, note = task_splits(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     tok, model = _load(cfg, path)
     if cfg.task in squad.SQUAD_TASKS and not 0 <= cfg.doc_stride < tok.model_max_length // 2:
         raise ApolloError(f"doc_stride must be in [0, max_length / 2), got {cfg.doc_stride} with a max length of "
@@ -237,7 +238,7 @@ def finetune(run: Path, cfg: FinetuneConfig, out: Path | None = None, log=print)
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup * total), total)
     generator = torch.Generator().manual_seed(cfg.seed)
-    best, best_state, history, bad = -math.inf, None, [], 0
+    best_dev, best_epoch, best_state, history, bad = None, 0, None, [], 0
     start = time.perf_counter()
     model.train()
     for epoch in range(1, cfg.epochs + 1):
@@ -251,10 +252,9 @@ def finetune(run: Path, cfg: FinetuneConfig, out: Path | None = None, log=print)
         dev = score_dev(model)
         history.append({"epoch": epoch, "loss": loss.item(), **{f"dev_{k}": v for k, v in dev.items()}})
         log(f"[{cfg.task} seed {cfg.seed}] epoch {epoch}: dev {headline} {dev[headline]:.2f}")
-        if dev[headline] > best or best_state is None:  # (a NaN metric still keeps the first epoch)
-            best, bad = dev[headline], 0
+        if best_dev is None or dev[headline] > best_dev[headline]:
+            best_dev, best_epoch, bad = dev, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_dev = dev
         else:
             bad += 1
             if cfg.patience and bad >= cfg.patience:
@@ -262,8 +262,8 @@ def finetune(run: Path, cfg: FinetuneConfig, out: Path | None = None, log=print)
     model.load_state_dict(best_state)
     test = score_test(model)
     result = {"run": str(run), "task": cfg.task, "seed": cfg.seed, "metric": headline, "dev": best_dev,
-              "test": test, "epochs_run": len(history), "best_epoch": max(history, key=lambda h: h[f"dev_{headline}"])
-              ["epoch"], "train_examples": len(splits["train"]), "dev_examples": len(splits["dev"]),
+              "test": test, "epochs_run": len(history), "best_epoch": best_epoch,
+              "train_examples": len(splits["train"]), "dev_examples": len(splits["dev"]),
               "test_examples": len(splits["test"]), "splits": note, "wall_s": time.perf_counter() - start,
               "history": history, "config": asdict(cfg)}
     if out is not None:
@@ -278,21 +278,20 @@ def finetune(run: Path, cfg: FinetuneConfig, out: Path | None = None, log=print)
 def run_label(run: Path) -> str:
     """The run's method (from its config.yaml), else its directory name."""
     try:
-        from .config import load_yaml
-
         return load_yaml(run / "config.yaml").method.method
     except (ApolloError, OSError):
         return run.name
 
 
 @torch.no_grad()
-def lm_perplexity(run: Path, files: list[str], max_blocks: int = 0, seed: int = 0) -> float:
+def lm_perplexity(run: Path, files: list[str]) -> float:
     """exp(mean token loss) of the run's model on text files, packed into its own blocks; for BERT the loss is
     over a fixed seeded 15% mask (an MLM perplexity, comparable only between BERT runs)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from .data import pack_blocks, read_text_files, valid_batches
-    from .models import lm_loss
+    from .models import get_layers
+    from .train import evaluate
 
     path = model_dir(run)
     config = AutoConfig.from_pretrained(path)
@@ -301,15 +300,9 @@ def lm_perplexity(run: Path, files: list[str], max_blocks: int = 0, seed: int = 
         model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     tok.model_max_length = int(1e30)
-    seq_len = getattr(config, "max_position_embeddings", None) or config.n_positions
-    blocks = pack_blocks(read_text_files(files), tok, seq_len, "bert" if mlm else "gpt2")
-    total = count = 0.0
-    for batch in valid_batches(blocks, 16, tok, mlm, 0.15, seed, max_blocks):
-        labels = batch["labels"] if mlm else batch["labels"][:, 1:]
-        n = int((labels != -100).sum())
-        total += float(lm_loss(model, batch, mlm)) * n
-        count += n
-    return math.exp(total / max(1, count))
+    blocks = pack_blocks(read_text_files(files), tok, _positions(config), "bert" if mlm else "gpt2")
+    batches = valid_batches(blocks, 16, tok, mlm, 0.15, seed=0, max_blocks=0)
+    return math.exp(evaluate(model, batches, list(range(len(get_layers(model)))), mlm))
 
 
 def _mean_std(values: list[float]) -> str:

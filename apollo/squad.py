@@ -18,6 +18,7 @@ import numpy as np
 from .config import ApolloError
 
 SQUAD_TASKS = ("squad", "squad_v2")
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def read_squad_json(path: Path) -> list[dict]:
@@ -122,7 +123,7 @@ def postprocess(rows: list[dict], meta: list[dict], start_logits: list[np.ndarra
 
 def _normalize(text: str) -> str:
     """Lower case, drop punctuation and the articles a/an/the, collapse whitespace (the official script)."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
