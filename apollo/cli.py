@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+from pathlib import Path
 
 from .config import (
     PRESET_NAMES,
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train one run (scratch, stackbert, apollo, apollo-plus, bert2bert or ligo)")
     _add_config_flags(train)
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its latest checkpoint (its config; flags may change only "
+                            "--threads, --progress, --checkpoint-every, --keep-checkpoints, --skip-nonfinite)")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: accept flags that change the result, and list them")
     compare = sub.add_parser("compare", help="train several methods on the same budget and report the saving")
     compare.add_argument("--methods", default="scratch,stackbert,apollo", help="comma-separated method names")
     compare.add_argument("--small-hidden", type=int, default=0,
@@ -96,8 +102,6 @@ def _finetune_config(args: argparse.Namespace, task: str, seed: int):
 
 
 def _downstream(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from .finetune import evaluate_runs, finetune
 
     if args.command == "finetune":
@@ -118,9 +122,25 @@ def _downstream(args: argparse.Namespace) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """preset -> --config YAML -> individual flags, later ones winning."""
+    """preset -> --config YAML -> individual flags, later ones winning; with --resume, the run's own config."""
+    resume = getattr(args, "resume", None)
+    if resume:
+        if args.preset or args.config:
+            raise ApolloError("--resume uses the run's own config; pass only the flags to change, not "
+                              "--preset or --config")
+        if args.overwrite:
+            raise ApolloError("--resume continues a run and --overwrite replaces it: choose one")
+        if args.out and Path(args.out).resolve() != Path(resume).resolve():
+            raise ApolloError(f"--resume {resume} writes into that run; --out {args.out} names another")
+        if not (Path(resume) / "config.yaml").is_file():
+            raise ApolloError(f"--resume {resume}: not an apollo run directory (no config.yaml)")
+        args.out = resume
+    if getattr(args, "allow_config_change", False) and not resume:
+        raise ApolloError("--allow-config-change applies only with --resume")
     cfg = preset(args.preset) if args.preset else RunConfig()
-    if args.config:
+    if resume:
+        cfg = load_yaml(Path(resume) / "config.yaml")
+    elif args.config:
         base = load_yaml(args.config)
         cfg = from_dict({k: v for k, v in to_dict(base).items() if k != "preset"}, cfg) if args.preset else base
     changes: dict[str, dict] = {}
@@ -148,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import train
 
-            s = train(cfg, overwrite=args.overwrite)
+            s = train(cfg, overwrite=args.overwrite, resume=bool(args.resume),
+                      allow_config_change=args.allow_config_change)
             print(f"{s['method']}: final val loss {s['final_val_loss']:.4f}, {s['flops'] / 1e12:.2f} TFLOPs, "
                   f"{s['wall_s']:.0f} s training; data: {s['data']}; run: {cfg.out}")
         else:

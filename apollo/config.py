@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = _f(0, "seed for init, data order, masks and depth draws")
     threads: int = _f(0, "torch threads (0 = torch's default)")
     progress: bool = _f(True, "show a progress bar")
+    checkpoint_every: int = _f(0, "save a resumable checkpoint every K optimizer steps (0 = off)")
+    keep_checkpoints: int = _f(2, "checkpoints kept, newest first (0 = all)")
+    skip_nonfinite: int = _f(0, "skip up to this many steps whose loss or gradient is NaN/Inf (0 = stop at the first)")
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,25 @@ def from_dict(d: dict, base: RunConfig | None = None) -> RunConfig:
     return dataclasses.replace(cfg, **top)
 
 
+# Fields that do not change what a run computes: resuming may change them freely (threads can change the
+# last bits of CPU matmuls, so exact resume equality is for an unchanged thread count).
+NON_RESULT = ("out", "preset", "train.threads", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
+              "train.skip_nonfinite")
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """``section.field: old -> new`` for every field that changes the result of a run."""
+    a, b = to_dict(old), to_dict(new)
+    changes = []
+    for key in a:
+        for name in (a[key] if isinstance(a[key], dict) else {"": None}):
+            dotted = f"{key}.{name}" if name else key
+            va, vb = (a[key][name], b[key][name]) if name else (a[key], b[key])
+            if va != vb and dotted not in NON_RESULT:
+                changes.append(f"{dotted}: {va!r} -> {vb!r}")
+    return changes
+
+
 def _suggest(key: str, valid) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -239,7 +261,8 @@ def check(cfg: RunConfig) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ApolloError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("steps", "tokens", "epochs", "eval_every", "eval_blocks", "threads", "clip", "weight_decay"):
+    for name in ("steps", "tokens", "epochs", "eval_every", "eval_blocks", "threads", "clip", "weight_decay",
+                 "checkpoint_every", "keep_checkpoints", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise ApolloError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
     if not (t.steps or t.tokens or t.epochs):

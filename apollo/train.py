@@ -23,8 +23,9 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from . import checkpoint
 from .bert2bert import bert2bert, load_small, small_dir, width_map
-from .config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, save_yaml
+from .config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, config_changes, save_yaml
 from .data import Batches, LMData, load_lm_data, valid_batches
 from .flops import train_flops
 from .growth import grow, layer_map, shared_layers
@@ -143,25 +144,55 @@ def train_operator(op: LiGO, model: nn.Module, batches: Batches, method: MethodC
 GrowHook = Callable[[str, int, nn.Module, list[int]], None]
 
 
-def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, on_grow: GrowHook | None = None) -> dict:
+def _resume_point(cfg: RunConfig, allow_config_change: bool) -> tuple[checkpoint.Checkpoint, list[str]]:
+    """The run's latest checkpoint, refused when its config differs in anything that changes the result."""
+    ckpt = checkpoint.load(Path(cfg.out))
+    if (Path(cfg.out) / "summary.json").exists():
+        raise ApolloError(f"--resume {cfg.out}: the run has already finished (summary.json exists)")
+    changes = config_changes(ckpt.config, cfg)
+    if changes and not allow_config_change:
+        raise ApolloError(f"--resume {cfg.out}: the config differs from the checkpoint's in {'; '.join(changes)} "
+                          "(pass --allow-config-change to resume anyway)")
+    return ckpt, changes
+
+
+def _reopen_log(path: Path, offset: int) -> None:
+    """Cut metrics.jsonl back to what it held at the checkpoint: the steps after it are trained again."""
+    if not path.exists() or path.stat().st_size < offset:
+        raise ApolloError(f"{path} is shorter than the checkpoint says; the run directory was modified")
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+
+
+def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, on_grow: GrowHook | None = None,
+          resume: bool = False, allow_config_change: bool = False) -> dict:
     """Train one run into ``cfg.out``; returns the run summary (also written to summary.json).
 
-    ``on_grow(when, step, model, positions)``, if given, is called with ``when="before"`` just before and
-    ``"after"`` just after each growth, ``positions`` being the full-depth layer map at that moment (used by
-    the stability study to measure the model on both sides of an expansion; it must not change the model).
+    ``resume``: continue ``cfg.out`` from its latest checkpoint; the result is bit-identical to an uninterrupted
+    run (same thread count). ``on_grow(when, step, model, positions)``, if given, is called with ``when="before"``
+    just before and ``"after"`` just after each growth, ``positions`` being the full-depth layer map at that moment
+    (used by the stability study to measure the model on both sides of an expansion; it must not change the model).
     """
     check(cfg)
     m, t = cfg.model, cfg.train
     method = resolve_method(cfg.method, m.layers)  # checked before any data is loaded or anything written
     out = Path(cfg.out)
+    ckpt, changes = None, []
+    if resume:
+        ckpt, changes = _resume_point(dataclasses.replace(cfg, method=method), allow_config_change)
     # bert2BERT / LiGO start from a trained smaller model, checked (with its tokenizer) before anything is written.
-    small = load_small(method.small_model, m) if method.small_model else None
+    small = load_small(method.small_model, m) if method.small_model and ckpt is None else None
     if small is not None and not cfg.data.tokenizer and data is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=small_dir(method.small_model)))
-    if data is None:
-        data = load_lm_data(cfg.data, m, t.seed)
+    if data is None:  # a resumed run packs its text with the checkpoint's tokenizer, not a retrained one
+        data_cfg = dataclasses.replace(cfg.data, tokenizer=str(ckpt.path / "tokenizer")) if ckpt else cfg.data
+        data = load_lm_data(data_cfg, m, t.seed)
     if small is not None:
         check_tokenizer(data.tokenizer, method.small_model)
+    if ckpt is not None and checkpoint.fingerprint(data.train) != ckpt.state["data_fingerprint"] \
+            and not allow_config_change:
+        raise ApolloError(f"--resume {out}: the training data differs from the checkpoint's "
+                          "(pass --allow-config-change to resume anyway)")
     if t.threads:
         torch.set_num_threads(t.threads)
     batches = Batches(data.train, t.batch_size, t.seed, data.tokenizer, data.mlm, cfg.data.mlm_probability)
@@ -171,27 +202,42 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     steps = total_steps(t, m.seq_len, batches.steps_per_epoch)
     schedule = resolve_schedule(method.stages, method.switch, method.switch_unit, steps, batches.steps_per_epoch,
                                 m.layers)
-    prepare_run_dir(out, overwrite)
     cfg = dataclasses.replace(cfg, method=method)
-    save_yaml(cfg, out / "config.yaml")
-
-    if method.method == "bert2bert":
-        model = bert2bert(small, m, method.width_init, method.new_layers, t.seed)
-    else:
-        model = build_model(m, schedule.stages[0], t.seed)
-    model.train()
     sampler = DepthSampler(method.sampler, m.layers, t.seed)
+    if ckpt is None:
+        prepare_run_dir(out, overwrite)
+        if method.method == "bert2bert":
+            model = bert2bert(small, m, method.width_init, method.new_layers, t.seed)
+        else:
+            model = build_model(m, schedule.stages[0], t.seed)
+        state = {"flops": 0, "tokens": 0, "wall_s": 0.0, "val_loss": float("nan"), "skipped": 0}
+        first, stage = 0, 0
+    else:  # everything is read and checked before the run directory is touched
+        model = build_model(m, ckpt.state["live_layers"], t.seed)
+        checkpoint.load_weights(model, ckpt)
+        state = dict(ckpt.state["counters"])
+        first, stage = ckpt.step, ckpt.state["stage"]
+        sampler.load_state_dict(ckpt.state["sampler"])
+        checkpoint.remove_partial(out)
+        _reopen_log(out / "metrics.jsonl", ckpt.state["log_offset"])
+    save_yaml(cfg, out / "config.yaml")
+    model.train()
     tokens_per_micro = t.batch_size * m.seq_len
     rewarm_steps = round(method.rewarm * steps)  # LR ramp after each growth (0 = none)
-    state = {"flops": 0, "tokens": 0, "wall_s": 0.0, "val_loss": float("nan")}
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as log, \
-            tqdm(total=steps, disable=not t.progress, desc=f"{method.method}", unit="step", dynamic_ncols=True) as bar:
+    with open(out / "metrics.jsonl", "a" if ckpt else "w", encoding="utf-8") as log, \
+            tqdm(total=steps, initial=first, disable=not t.progress, desc=f"{method.method}", unit="step",
+                 dynamic_ncols=True) as bar:
         def write(record: dict) -> None:
             log.write(json.dumps(record) + "\n")
 
-        write({"event": "start", "source": data.source, "steps": steps, "schedule": dataclasses.asdict(schedule),
-               "train_blocks": len(data.train), "valid_blocks": len(data.valid)})
-        if method.method == "ligo":
+        if ckpt is None:
+            write({"event": "start", "source": data.source, "steps": steps, "schedule": dataclasses.asdict(schedule),
+                   "train_blocks": len(data.train), "valid_blocks": len(data.valid)})
+        else:
+            write({"event": "resume", "step": first, "checkpoint": ckpt.path.name, "config_changes": changes})
+            bar.write(f"[{method.method}] resumed {out} at step {first} from {ckpt.path.name}"
+                      + (f"; config changes: {'; '.join(changes)}" if changes else ""))
+        if method.method == "ligo" and ckpt is None:
             train_operator(LiGO(small, model, width_map(small.config, model.config, t.seed)), model, batches, method,
                            t, data.mlm, state, write)
         if small is not None:  # where the grown model starts: its validation loss before any model update
@@ -200,8 +246,10 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                    "tokens": state["tokens"], "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
             bar.write(f"[{method.method}] grown from {method.small_model}: val loss {state['val_loss']:.4f}")
         optimizer = make_optimizer(model, t)
-        stage = 0
-        for step in range(steps):
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt.optimizer)
+            checkpoint.restore_rng(ckpt.state)  # last: building the model reseeded torch
+        for step in range(first, steps):
             start = time.perf_counter()
             if schedule.stage_at(step) != stage:
                 stage = schedule.stage_at(step)
@@ -233,24 +281,42 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len,
                                               head_tokens(batch, data.mlm))
             loss = loss_sum / t.grad_accum
-            if not math.isfinite(loss):  # stop before the bad gradients reach the weights
-                raise ApolloError(f"loss is {loss} at step {step}; lower --lr or check the data")
             # The total norm is logged for every run (growth diagnostics); max_norm=inf only measures it.
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip or math.inf))
-            optimizer.step()
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            elif state["skipped"] < t.skip_nonfinite:  # drop the step's gradients; the weights stay as they were
+                state["skipped"] += 1
+            else:  # stop before the bad gradients reach the weights; the last checkpoint stays the latest
+                last = checkpoint.saved(out)
+                where = f"resume from {last[-1]} with --resume {out}" if last else "no checkpoint was saved"
+                raise ApolloError(f"loss {loss} (gradient norm {grad_norm}) at step {step}: stopped; {where}; "
+                                  "lower --lr or allow bad steps with --skip-nonfinite N")
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
             state["wall_s"] += elapsed
             state["tokens"] += tokens_per_micro * t.grad_accum
             write({"event": "step", "step": step, "stage": stage, "live_layers": n_live, "depth": depths,
                    "loss": loss, "grad_norm": round(grad_norm, 5), "lr": lr, "tokens": state["tokens"],
-                   "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
+                   "flops": state["flops"], "wall_s": round(state["wall_s"], 4),
+                   **({} if finite else {"skipped": True})})
             if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps:
                 # Validation always runs all L positions; before the last stage, through the current map.
                 state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers), data.mlm)
                 write({"event": "eval", "step": step + 1, "stage": stage, "live_layers": n_live,
                        "val_loss": state["val_loss"], "tokens": state["tokens"], "flops": state["flops"],
                        "wall_s": round(state["wall_s"], 4)})
+                log.flush()
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
+                log.flush()
+                run_state = {"stage": stage, "live_layers": n_live, "counters": dict(state),
+                             "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
+                             "data_fingerprint": checkpoint.fingerprint(data.train)}
+                path, size, seconds = checkpoint.save(out, step + 1, model, optimizer, run_state, cfg, data.tokenizer,
+                                                      t.keep_checkpoints)
+                write({"event": "checkpoint", "step": step + 1, "path": str(path.relative_to(out)), "bytes": size,
+                       "save_s": round(seconds, 3)})
                 log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{state['val_loss']:.3f}", stage=f"{stage}:{n_live}L",

@@ -29,7 +29,16 @@ from pathlib import Path
 
 import torch
 
-from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, load_yaml, preset, to_dict
+from apollo.config import (
+    ApolloError,
+    DataConfig,
+    MethodConfig,
+    RunConfig,
+    config_changes,
+    load_yaml,
+    preset,
+    to_dict,
+)
 from apollo.data import load_lm_data
 from apollo.methods import FROM_SMALL, resolve_method
 from apollo.train import train
@@ -90,11 +99,8 @@ def finished(run_dir: Path, cfg: RunConfig) -> bool:
     """True when ``run_dir`` holds a completed run of exactly ``cfg`` (method resolved as train() saves it)."""
     if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
         return False
-    def result_fields(c: RunConfig) -> dict:  # threads, the progress bar and the folder do not change a result
-        return to_dict(dataclasses.replace(c, out="", train=dataclasses.replace(c.train, threads=0, progress=False)))
-
     resolved = dataclasses.replace(cfg, method=resolve_method(cfg.method, cfg.model.layers))
-    return result_fields(load_yaml(run_dir / "config.yaml")) == result_fields(resolved)
+    return not config_changes(load_yaml(run_dir / "config.yaml"), resolved)
 
 
 def main() -> None:

@@ -1,0 +1,48 @@
+"""Test harness: run the ``apollo`` CLI and SIGKILL the process at a chosen point.
+
+``python tests/killer.py step N -- ARGS``: die when optimizer step N starts (after any growth at N);
+``python tests/killer.py save N -- ARGS``: die in the middle of writing the checkpoint of step N.
+Kills come from the process itself, so they land at exact, reproducible points.
+"""
+
+import os
+import signal
+import sys
+
+import apollo.checkpoint
+import apollo.train
+from apollo.cli import main
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_at_step(n: int) -> None:
+    lr_at = apollo.train.lr_at
+
+    def patched(step, *args):
+        if step == n:
+            _die()
+        return lr_at(step, *args)
+
+    apollo.train.lr_at = patched
+
+
+def _kill_in_save(n: int) -> None:
+    save = apollo.checkpoint.torch.save
+
+    def patched(obj, path, *args, **kwargs):  # optimizer.pt is written; state.pt is where it dies
+        if path.name == "state.pt" and obj["step"] == n:
+            path.write_bytes(b"partial")
+            _die()
+        return save(obj, path, *args, **kwargs)
+
+    apollo.checkpoint.torch.save = patched
+
+
+if __name__ == "__main__":
+    kind, n, sep, *argv = sys.argv[1:]
+    assert sep == "--"
+    {"step": _kill_at_step, "save": _kill_in_save}[kind](int(n))
+    sys.exit(main(argv))
