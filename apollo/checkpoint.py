@@ -25,6 +25,7 @@ import pickle
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,10 +146,13 @@ def remove_partial(run: Path) -> None:
 
 def _torch_load(path: Path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol warns before it is refused
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ApolloError(f"refusing to load {path}: it is not a plain-tensor checkpoint ({reason})") from None
+        lines = [x.strip() for x in str(e).splitlines() if "WeightsUnpickler error" in x] or ["not weights-only"]
+        reason = lines[0].replace("WeightsUnpickler error:", "").strip()[:160]
+        raise ApolloError(f"refusing to load {path}: it holds more than tensors ({reason})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise ApolloError(f"checkpoint file {path} is truncated or corrupt ({e.__class__.__name__})") from None
 

@@ -1,0 +1,201 @@
+"""Crash safety: SIGKILL at any step then --resume gives bit-identical weights; atomic saves; NaN and full disk.
+
+Kills are real SIGKILLs of a subprocess (tests/killer.py kills itself at an exact step or mid-save).
+"""
+
+import errno
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import apollo.checkpoint
+import apollo.train
+from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, TrainConfig
+from apollo.train import train
+from tests.conftest import tiny_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# 6 layers, stages 1 -> 3 -> 6 growing at steps 6 and 12 of 18; a checkpoint every 4 steps (4, 8, 12, 16).
+TINY = ["--layers", "6", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "512", "--seq-len", "16",
+        "--batch-size", "8", "--synthetic-sentences", "1200", "--eval-blocks", "8", "--eval-every", "5",
+        "--steps", "18", "--threads", "1", "--no-progress", "--checkpoint-every", "4"]
+STAGES = ["--stages", "1,3,6", "--switch", "6,12", "--switch-unit", "step"]
+METHODS = {"scratch": [], "stackbert": STAGES, "apollo": STAGES}
+# (kind, point): "step N" dies as step N starts, after the growth at N (6 and 12 are growth steps; checkpoint 12
+# is written right before the growth at 12, so resuming from it grows first); "save N" dies while writing
+# checkpoint N, leaving a partial temporary directory and the previous checkpoint as the latest.
+KILLS = {
+    "scratch": [("step", 5), ("step", 15)],
+    "stackbert": [("step", 6), ("step", 13), ("save", 16)],
+    "apollo": [("step", 3), ("step", 5), ("step", 6), ("step", 10), ("save", 12), ("step", 12), ("step", 15)],
+}
+
+
+def cli(*args, killer=None):
+    pre = [str(ROOT / "tests" / "killer.py"), *killer, "--"] if killer else ["-m", "apollo"]
+    return subprocess.run([sys.executable, *pre, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def expected_resumes(kills: list[tuple[str, int]]) -> list[int]:
+    """The resume records metrics.jsonl keeps: each resume from checkpoint p cuts the log back to p's offset."""
+    kept = []
+    for kind, point in kills:
+        latest = (point - 1) // 4 * 4 if kind == "save" else point // 4 * 4
+        if latest:
+            kept = [s for s in kept if s < latest] + [latest]
+    return kept
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def step_records(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    drop = ("wall_s", "save_s")
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows if r["event"] not in ("resume", "checkpoint")]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, method):
+    args = ["train", "--preset", "bert-tiny", "--method", method, *TINY, *METHODS[method]]
+    ref = cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    first, *rest = KILLS[method]
+    if first == ("step", 3):  # killed before the first checkpoint: nothing to resume, start again
+        r = cli(*args, "--out", str(run), killer=["step", "3"])
+        assert r.returncode == -9
+        r = cli("train", "--resume", str(run))
+        assert r.returncode == 2 and "no checkpoint" in r.stderr, r.stderr
+        first, *rest = rest
+        r = cli(*args, "--out", str(run), "--overwrite", killer=[first[0], str(first[1])])
+    else:
+        r = cli(*args, "--out", str(run), killer=[first[0], str(first[1])])
+    assert r.returncode == -9, r.stderr
+    for kind, point in rest:
+        r = cli("train", "--resume", str(run), killer=[kind, str(point)])
+        assert r.returncode == -9, r.stderr
+        if kind == "save":  # the killed save left its partial copy; the latest complete checkpoint is older
+            assert (run / "checkpoints" / f".step-{point:08d}.tmp").is_dir()
+            assert apollo.checkpoint.saved(run)[-1].name == f"step-{point - 4:08d}"
+    r = cli("train", "--resume", str(run))
+    assert r.returncode == 0, r.stderr
+    a, b = weights(tmp_path / "ref"), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert step_records(run) == step_records(tmp_path / "ref")  # same losses, depths, growths, evals
+    resumes = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"resume"' in x]
+    assert resumes == expected_resumes(KILLS[method])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000012", "step-00000016"]  # keep 2
+
+
+def tiny(tmp_path, name="run", **train_kw) -> RunConfig:
+    t = TrainConfig(**{"batch_size": 8, "steps": 12, "lr": 2e-3, "eval_every": 4, "eval_blocks": 8,
+                       "progress": False, "checkpoint_every": 4, **train_kw})
+    return RunConfig(model=tiny_model_config("gpt2", layers=6), method=MethodConfig("apollo", stages=(1, 3, 6),
+                     switch=(4, 8), switch_unit="step"), train=t, data=DataConfig(synthetic_sentences=1200),
+                     out=str(tmp_path / name))
+
+
+def _nan_at(monkeypatch, bad_steps: set[int]):
+    """Make the training loss NaN at the given steps (one micro-batch per step; validation passes are left alone)."""
+    calls = {"n": 0}
+    lm_loss = apollo.train.lm_loss
+
+    def patched(model, batch, mlm):
+        loss = lm_loss(model, batch, mlm)
+        if not model.training:
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] - 1 in bad_steps else loss
+
+    monkeypatch.setattr(apollo.train, "lm_loss", patched)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {6})
+    with pytest.raises(ApolloError, match=r"loss nan .* at step 6: stopped; resume from .*step-00000004"):
+        train(tiny(tmp_path))
+    run = tmp_path / "run"
+    assert [p.name for p in apollo.checkpoint.saved(run)] == ["step-00000004"]
+    assert apollo.checkpoint.load(run).step == 4
+    assert not (run / "model").exists()
+
+
+def test_skip_nonfinite_skips_a_bounded_number_of_bad_steps(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {5, 9})
+    summary = train(tiny(tmp_path, skip_nonfinite=2))
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"event": "step"' in x]
+    assert [s["step"] for s in steps if s.get("skipped")] == [5, 9]
+    assert summary["steps"] == 12 and all(torch.isfinite(p).all() for p in weights(tmp_path / "run").values())
+    _nan_at(monkeypatch, {2, 3, 4})  # a third bad step exceeds the allowance
+    with pytest.raises(ApolloError, match="at step 4"):
+        train(tiny(tmp_path, "again", skip_nonfinite=2))
+
+
+def test_full_disk_during_a_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    save_model = apollo.checkpoint.save_model
+
+    def full_disk(model, filename, *args, **kwargs):
+        if "step-00000008" in filename:
+            Path(filename).write_bytes(b"half a tensor")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_model(model, filename, *args, **kwargs)
+
+    monkeypatch.setattr(apollo.checkpoint, "save_model", full_disk)
+    with pytest.raises(ApolloError, match=r"no space left on device; the last good checkpoint .*step-00000004 is"):
+        train(tiny(tmp_path))
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000004"]  # no partial copy left
+    assert apollo.checkpoint.load(run).step == 4
+
+
+class _Payload:
+    """Unpickling this calls Path.touch(marker): a stand-in for arbitrary code in a malicious checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tmp_path):
+    train(tiny(tmp_path))
+    ckpt = apollo.checkpoint.saved(tmp_path / "run")[-1]
+    marker = tmp_path / "pwned"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    state["counters"] = _Payload(marker)
+    (ckpt / "state.pt").write_bytes(pickle.dumps(state))
+    pickle.loads((ckpt / "state.pt").read_bytes())  # the payload is live: a plain unpickler runs it
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "run" / "summary.json").unlink()  # a finished run is not resumable; make it look interrupted
+    r = cli("train", "--resume", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("apollo: error: refusing to load") and "state.pt" in r.stderr, r.stderr
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_changed_config_unless_allowed(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {10})
+    with pytest.raises(ApolloError):
+        train(tiny(tmp_path))  # stops at step 10, checkpoint 8
+    run = tmp_path / "run"
+    before = (run / "metrics.jsonl").read_bytes()
+    r = cli("train", "--resume", str(run), "--lr", "0.001", "--seq-len", "32")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "model.seq_len: 16 -> 32; train.lr: 0.002 -> 0.001" in r.stderr and "--allow-config-change" in r.stderr
+    assert (run / "metrics.jsonl").read_bytes() == before  # refused before touching the run
+    r = cli("train", "--resume", str(run), "--lr", "0.001", "--allow-config-change", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    resume = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"resume"' in x]
+    assert resume == [{"event": "resume", "step": 8, "checkpoint": "step-00000008",
+                       "config_changes": ["train.lr: 0.002 -> 0.001"]}]
