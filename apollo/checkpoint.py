@@ -157,16 +157,21 @@ def _torch_load(path: Path):
         raise ApolloError(f"checkpoint file {path} is truncated or corrupt ({e.__class__.__name__})") from None
 
 
-def load(run: Path) -> Checkpoint:
-    """Read and validate the latest checkpoint of ``run`` (weights are applied later by ``load_weights``)."""
+def latest(run: Path) -> Path:
+    """The newest complete checkpoint of ``run``; an ApolloError when there is none."""
     run = Path(run)
-    if not run.is_dir():
-        raise ApolloError(f"--resume {run}: no such run directory")
+    if not (run / "config.yaml").is_file():
+        raise ApolloError(f"--resume {run}: not an apollo run directory (no config.yaml)")
     found = saved(run)
     if not found:
         raise ApolloError(f"--resume {run}: no checkpoint in {checkpoint_dir(run)} "
                           "(train with --checkpoint-every K to write them)")
-    path = found[-1]
+    return found[-1]
+
+
+def load(run: Path) -> Checkpoint:
+    """Read and validate the latest checkpoint of ``run`` (weights are applied later by ``load_weights``)."""
+    path = latest(run)
     missing = [name for name in FILES if not (path / name).exists()]
     if missing:
         raise ApolloError(f"checkpoint {path} is incomplete or not an apollo checkpoint (missing {', '.join(missing)})")

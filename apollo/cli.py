@@ -8,6 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
+from .checkpoint import latest
 from .config import (
     PRESET_NAMES,
     SECTIONS,
@@ -132,8 +133,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             raise ApolloError("--resume continues a run and --overwrite replaces it: choose one")
         if args.out and Path(args.out).resolve() != Path(resume).resolve():
             raise ApolloError(f"--resume {resume} writes into that run; --out {args.out} names another")
-        if not (Path(resume) / "config.yaml").is_file():
-            raise ApolloError(f"--resume {resume}: not an apollo run directory (no config.yaml)")
+        latest(Path(resume))  # a missing run or checkpoint is reported before its config is checked
         args.out = resume
     if getattr(args, "allow_config_change", False) and not resume:
         raise ApolloError("--allow-config-change applies only with --resume")
@@ -160,6 +160,10 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers' own bars (loading and writing weights) would break the one-line error and the run's own bar
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         if args.command in ("finetune", "evaluate"):
             _downstream(args)

@@ -4,10 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from apollo.cli import main
-
 TINY = ["--layers", "12", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "512", "--seq-len", "16",
         "--batch-size", "8", "--synthetic-sentences", "1500", "--eval-blocks", "8", "--no-progress"]
 
@@ -49,63 +45,7 @@ def test_data_files_are_used(tmp_path):
     assert "corpus.txt" in r.stdout
 
 
-def _write(tmp_path, name, content: bytes):
-    p = tmp_path / name
-    p.write_bytes(content)
-    return str(p)
-
-
-BAD = [
-    (["--preset", "bert-huge"], "unknown preset"),
-    (["--method", "apolo"], "unknown method"),
-    (["--sampler", "lvsp"], "unknown sampler"),
-    (["--growth", "sideways"], "unknown growth"),
-    (["--moments", "keep"], "unknown moments"),
-    (["--stages", "1,6,3,12", "--switch", "0.1,0.2,0.3"], "strictly increasing"),
-    (["--stages", "1,3,6", "--switch", "0.1,0.2"], "end at the model depth"),
-    (["--stages", "0,6,12", "--switch", "0.1,0.2"], ">= 1"),
-    (["--stages", "1,6,12", "--switch", "0.3,0.2"], "strictly increasing"),
-    (["--stages", "1,6,12", "--switch", "0.1,1.2"], "inside the run"),
-    (["--batch-size", "0"], "batch-size"),
-    (["--lr", "-1"], "lr"),
-    (["--hidden", "abc"], "expected int"),
-    (["--data", "/nonexistent/corpus.txt"], "corpus.txt"),
-    (["--bogus-flag", "1"], "unrecognized arguments"),
-    (["--method", "bert2bert"], "needs --small-model"),
-    (["--method", "scratch", "--small-model", "/nonexistent"], "used only by bert2bert and ligo"),
-    (["--method", "ligo", "--small-model", "/nonexistent/run"], "no trained model"),
-    (["--method", "bert2bert", "--small-model", "x", "--width-init", "wide"], "unknown width init"),
-    (["--method", "ligo", "--small-model", "x", "--width-init", "aki"], "starts from FPI"),
-]
-
-
-@pytest.mark.parametrize("args, message", BAD)
-def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
-    argv = ["train", "--preset", "bert-tiny", *TINY, "--steps", "20", "--out", str(tmp_path / "run")]
-    if args[0] == "--preset":
-        argv[2] = args[1]
-        args = []
-    with pytest.raises(SystemExit) if args and args[0] == "--bogus-flag" else _nullcontext() as exc:
-        code = main(argv + args)
-    if exc is not None:
-        code = exc.value.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("apollo: error:") and message in err, err
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("kind", ["empty", "binary", "non-utf8", "directory"])
-def test_bad_data_files(tmp_path, capsys, kind):
-    path = {"empty": lambda: _write(tmp_path, "e.txt", b"\n\n"),
-            "binary": lambda: _write(tmp_path, "b.txt", b"abc\x00\x01\x02"),
-            "non-utf8": lambda: _write(tmp_path, "n.txt", "caf\xe9 au lait\n".encode("latin-1")),
-            "directory": lambda: str(tmp_path)}[kind]()
-    code = main(["train", "--preset", "gpt-tiny", *TINY, "--steps", "20", "--data", path,
-                 "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "apollo: error:" in err
-    assert not (tmp_path / "run").exists()
+# Bad input for `apollo train`: the table in tests/test_bad_input.py.
 
 
 def test_real_entry_point_has_no_traceback(tmp_path):
@@ -113,11 +53,3 @@ def test_real_entry_point_has_no_traceback(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("apollo: error: unknown method 'apolo' "
                                 "(choose from scratch, stackbert, apollo, apollo-plus, bert2bert, ligo)")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
