@@ -3,6 +3,7 @@
 Kills are real SIGKILLs of a subprocess (tests/killer.py kills itself at an exact step or mid-save).
 """
 
+import ast
 import errno
 import json
 import pickle
@@ -199,3 +200,43 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path, monkeypatch):
     resume = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"resume"' in x]
     assert resume == [{"event": "resume", "step": 8, "checkpoint": "step-00000008",
                        "config_changes": ["train.lr: 0.002 -> 0.001"]}]
+
+
+def test_resume_refuses_changed_training_text(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the cat number {i} sat on the mat ." for i in range(600)), encoding="utf-8")
+    cfg = tiny(tmp_path)
+    cfg = cfg.__class__(**{**cfg.__dict__, "data": DataConfig(data=(str(corpus),))})
+    _nan_at(monkeypatch, {10})
+    with pytest.raises(ApolloError):
+        train(cfg)
+    corpus.write_text("\n".join(f"the dog number {i} ran to the park ." for i in range(600)), encoding="utf-8")
+    r = cli("train", "--resume", str(tmp_path / "run"))
+    assert r.returncode == 2 and "the training data differs from the checkpoint's" in r.stderr, r.stderr
+
+
+def test_no_code_execution_paths_in_the_package():
+    """Safe YAML, weights-only torch.load, no eval/exec/pickle, nothing handed to a shell (checked on the AST)."""
+    torch_loads = 0
+    for path in (ROOT / "apollo").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                # pickle is imported for its exception class only; calling it is caught below
+                assert not {"subprocess", "marshal", "shelve", "dill"} & set(names), (path, names)
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Name):
+                assert func.id not in ("eval", "exec", "compile", "__import__"), (path, func.id)
+                continue
+            name = func.attr if isinstance(func, ast.Attribute) else ""
+            owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+            assert owner not in ("os", "pickle") or name not in ("system", "popen", "load", "loads"), (path, name)
+            if owner == "yaml":
+                assert name in ("safe_load", "safe_dump"), (path, name)
+            if owner == "torch" and name == "load":
+                torch_loads += 1
+                assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                           for k in node.keywords), path
+    assert torch_loads == 1  # checkpoint._torch_load
