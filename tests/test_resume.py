@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 6 layers, stages 1 -> 3 -> 6 growing at steps 6 and 12 of 18; a checkpoint every 4 steps (4, 8, 12, 16).
 TINY = ["--layers", "6", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "512", "--seq-len", "16",
         "--batch-size", "8", "--synthetic-sentences", "1200", "--eval-blocks", "8", "--eval-every", "5",
-        "--steps", "18", "--threads", "1", "--no-progress", "--checkpoint-every", "4"]
+        "--steps", "18", "--threads", "1", "--no-progress", "--checkpoint-every", "4",
+        "--dropout", "0.1"]  # dropout draws from torch's global RNG, which the checkpoint must restore
 STAGES = ["--stages", "1,3,6", "--switch", "6,12", "--switch-unit", "step"]
 METHODS = {"scratch": [], "stackbert": STAGES, "apollo": STAGES}
 # (kind, point): "step N" dies as step N starts, after the growth at N (6 and 12 are growth steps; checkpoint 12
