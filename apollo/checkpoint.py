@@ -80,12 +80,17 @@ def fingerprint(blocks: torch.Tensor) -> str:
 
 
 def rng_state() -> dict:
-    return {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the device's generator
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
 
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 def _fsync_tree(path: Path) -> None:

@@ -158,6 +158,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def _error(message: str, prefix: str = "apollo: error: ") -> None:
+    from .distributed import is_main_process
+
+    if is_main_process():  # under torchrun every rank fails alike; one line is enough
+        print(prefix + message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers' own bars (loading and writing weights) would break the one-line error and the run's own bar
@@ -170,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = resolve_config(args)
         if args.command == "train":
+            from .distributed import is_main_process
             from .train import train
 
             s = train(cfg, overwrite=args.overwrite, resume=bool(args.resume),
                       allow_config_change=args.allow_config_change)
-            print(f"{s['method']}: final val loss {s['final_val_loss']:.4f}, {s['flops'] / 1e12:.2f} TFLOPs, "
-                  f"{s['wall_s']:.0f} s training; data: {s['data']}; run: {cfg.out}")
+            if is_main_process():
+                print(f"{s['method']}: final val loss {s['final_val_loss']:.4f}, {s['flops'] / 1e12:.2f} TFLOPs, "
+                      f"{s['wall_s']:.0f} s training; data: {s['data']}; run: {cfg.out}")
         else:
             from .compare import compare
 
@@ -183,12 +192,16 @@ def main(argv: list[str] | None = None) -> int:
                             args.small_hidden, args.small_layers)
             print(table + f"\nwrote {cfg.out}/results.md, results.csv, loss_vs_flops.png")
     except ApolloError as e:
-        print(f"apollo: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OSError as e:
-        print(f"apollo: error: {e.strerror or e} ({e.filename or ''})", file=sys.stderr)
+        _error(f"{e.strerror or e} ({e.filename or ''})")
         return 2
     except KeyboardInterrupt:
-        print("apollo: interrupted", file=sys.stderr)
+        _error("interrupted", "apollo: ")
         return 130
+    finally:
+        from .distributed import shutdown
+
+        shutdown()
     return 0

@@ -59,6 +59,8 @@ class MethodConfig:
 class TrainConfig:
     batch_size: int = _f(16, "sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step (one depth drawn per micro-batch)")
+    global_batch: int = _f(0, "sequences per optimizer step over all ranks; sets grad_accum = global_batch / "
+                              "(batch_size x ranks) (0 = batch_size x grad_accum x ranks)")
     steps: int = _f(0, "run length: the first of steps / tokens / epochs that is > 0")
     tokens: int = _f(0, "run length in tokens")
     epochs: float = _f(0.0, "run length in epochs over the training blocks")
@@ -75,6 +77,11 @@ class TrainConfig:
     seed: int = _f(0, "seed for init, data order, masks and depth draws")
     threads: int = _f(0, "torch threads (0 = torch's default)")
     progress: bool = _f(True, "show a progress bar")
+    device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda")
+    precision: str = _f("fp32", "fp32 | bf16 (autocast; weights and AdamW state stay fp32)")
+    compile: bool = _f(False, "torch.compile each layer (recompiled after growth)")
+    check_ranks: bool = _f(False, "debug: all-reduce checks that every rank draws the same depth and ends with the "
+                                  "same weights")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every K optimizer steps (0 = off)")
     keep_checkpoints: int = _f(2, "checkpoints kept, newest first (0 = all)")
     skip_nonfinite: int = _f(0, "skip up to this many steps whose loss or gradient is NaN/Inf (0 = stop at the first)")
@@ -105,13 +112,15 @@ class RunConfig:
 
 
 SECTIONS = ("model", "method", "train", "data")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _paper(arch: str, layers: int, hidden: int, heads: int) -> RunConfig:
     """Paper Table 5 sizes with the paper's training settings (bf16 aside)."""
     bert = arch == "bert"
     model = ModelConfig(arch, layers, hidden, heads, 4 * hidden, 30522 if bert else 50257, 512 if bert else 1024, 0.1)
-    train = TrainConfig(batch_size=768 if bert else 512, lr=1e-4, tokens=10**9, eval_every=1000)
+    # The paper's global batch (768 / 512 sequences) reached by gradient accumulation over micro-batches of 32.
+    train = TrainConfig(batch_size=32, global_batch=768 if bert else 512, lr=1e-4, tokens=10**9, eval_every=1000)
     return RunConfig(model=model, train=train)
 
 
@@ -211,7 +220,7 @@ def from_dict(d: dict, base: RunConfig | None = None) -> RunConfig:
 # Fields that do not change what a run computes: resuming may change them freely (threads can change the
 # last bits of CPU matmuls, so exact resume equality is for an unchanged thread count).
 NON_RESULT = ("out", "preset", "train.threads", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
-              "train.skip_nonfinite")
+              "train.skip_nonfinite", "train.check_ranks")
 
 
 def config_changes(old: RunConfig, new: RunConfig) -> list[str]:
@@ -262,11 +271,15 @@ def check(cfg: RunConfig) -> None:
         if value <= 0:
             raise ApolloError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     for name in ("steps", "tokens", "epochs", "eval_every", "eval_blocks", "threads", "clip", "weight_decay",
-                 "checkpoint_every", "keep_checkpoints", "skip_nonfinite"):
+                 "checkpoint_every", "keep_checkpoints", "skip_nonfinite", "global_batch"):
         if getattr(t, name) < 0:
             raise ApolloError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
     if not (t.steps or t.tokens or t.epochs):
         raise ApolloError("set the run length with --steps, --tokens or --epochs")
+    if t.precision not in PRECISIONS:
+        raise ApolloError(f"unknown precision {t.precision!r} (choose from {', '.join(PRECISIONS)})")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ApolloError(f"unknown device {t.device!r} (choose from auto, cpu, cuda)")
     if m.hidden % m.heads:
         raise ApolloError(f"--hidden {m.hidden} must be divisible by --heads {m.heads}")
     if m.seq_len < 4:

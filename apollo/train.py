@@ -10,9 +10,12 @@ clip, step -> log. Every ``eval_every`` steps: validation loss at full depth L.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .bert2bert import bert2bert, load_small, small_dir, width_map
 from .config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, config_changes, save_yaml
 from .data import Batches, LMData, load_lm_data, valid_batches
@@ -61,32 +64,66 @@ def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def total_steps(t: TrainConfig, seq_len: int, steps_per_epoch: int) -> int:
-    """Optimizer steps of the run from --steps, else --tokens, else --epochs."""
+def grad_accum(t: TrainConfig, world: int = 1) -> int:
+    """Micro-batches per optimizer step: --grad-accum, or what --global-batch needs at this batch size and world."""
+    if not t.global_batch:
+        return t.grad_accum
+    per = t.batch_size * world
+    if t.global_batch % per:
+        raise ApolloError(f"--global-batch {t.global_batch} is not a multiple of --batch-size {t.batch_size} x "
+                          f"{world} process(es)")
+    return t.global_batch // per
+
+
+def total_steps(t: TrainConfig, seq_len: int, steps_per_epoch: int, world: int = 1) -> int:
+    """Optimizer steps of the run from --steps, else --tokens, else --epochs (``steps_per_epoch`` counts global
+    micro-batches)."""
+    accum = grad_accum(t, world)
     if t.steps:
         return t.steps
     if t.tokens:
-        return max(1, math.ceil(t.tokens / (t.batch_size * t.grad_accum * seq_len)))
-    return max(1, round(t.epochs * steps_per_epoch / t.grad_accum))
+        return max(1, math.ceil(t.tokens / (t.batch_size * world * accum * seq_len)))
+    return max(1, round(t.epochs * steps_per_epoch / accum))
+
+
+class LMLoss(nn.Module):
+    """The LM loss as a module's forward, so DistributedDataParallel sees each micro-batch's forward pass."""
+
+    def __init__(self, model: nn.Module, mlm: bool):
+        super().__init__()
+        self.model, self.mlm = model, mlm
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return lm_loss(self.model, batch, self.mlm)
+
+
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` every live layer in place; called again after growth for the new copies."""
+    for layer in get_layers(model):
+        layer._compiled_call_impl = None  # a deep copy carries its source's compiled call; compile this module
+        layer.compile()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], positions: list[int], mlm: bool) -> float:
+def evaluate(model: nn.Module, batches: list[dict], positions: list[int], mlm: bool,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
     """Mean loss per predicted token over the validation batches, running the layers at ``positions``."""
     model.eval()
     total, count = 0.0, 0
-    with shared_layers(model, positions):
+    device = next(model.parameters()).device
+    with shared_layers(model, positions), autocast():
         for batch in batches:
-            labels = batch["labels"] if mlm else batch["labels"][:, 1:]  # causal LMs predict from position 1
-            n = int((labels != -100).sum())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = predicted_tokens(batch, mlm)
             total += float(lm_loss(model, batch, mlm)) * n
             count += n
     model.train()
     return total / max(1, count)
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into an earlier run unless asked to; never delete anything but that run's files."""
+def prepare_run_dir(out: Path, overwrite: bool, apply: bool = True) -> None:
+    """Refuse to write into an earlier run unless asked to; never delete anything but that run's files.
+    Every rank runs the checks (so all fail alike); only ``apply`` (rank 0) deletes and creates."""
     if out.exists() and not out.is_dir():
         raise ApolloError(f"run directory {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
@@ -94,8 +131,16 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
             raise ApolloError(f"run directory {out} already exists (use --overwrite to replace it)")
         if not (out / "config.yaml").exists():
             raise ApolloError(f"refusing to overwrite {out}: it does not look like an apollo run directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if apply:
+            shutil.rmtree(out)
+    if apply:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def predicted_tokens(batch: dict[str, torch.Tensor], mlm: bool) -> int:
+    """Positions with a target: the masked ones for MLM; every position after the first for a causal LM."""
+    labels = batch["labels"] if mlm else batch["labels"][:, 1:]
+    return int((labels != -100).sum())
 
 
 def head_tokens(batch: dict[str, torch.Tensor], mlm: bool) -> int:
@@ -177,9 +222,14 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     m, t = cfg.model, cfg.train
     method = resolve_method(cfg.method, m.layers)  # checked before any data is loaded or anything written
     out = Path(cfg.out)
+    d = distributed.setup(t.device)
+    accum = grad_accum(t, d.world)
     ckpt, changes = None, []
     if resume:
         ckpt, changes = _resume_point(dataclasses.replace(cfg, method=method), allow_config_change)
+        if ckpt.state.get("world", 1) != d.world and not allow_config_change:
+            raise ApolloError(f"--resume {out}: the checkpoint was written by {ckpt.state.get('world', 1)} "
+                              f"process(es), this run has {d.world} (pass --allow-config-change to resume anyway)")
     # bert2BERT / LiGO start from a trained smaller model, checked (with its tokenizer) before anything is written.
     small = load_small(method.small_model, m) if method.small_model and ckpt is None else None
     if small is not None and not cfg.data.tokenizer and data is None:
@@ -193,19 +243,21 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             and not allow_config_change:
         raise ApolloError(f"--resume {out}: the training data differs from the checkpoint's "
                           "(pass --allow-config-change to resume anyway)")
+    distributed.check_same(d, int(checkpoint.fingerprint(data.train)[:15], 16), "the packed training data")
     if t.threads:
         torch.set_num_threads(t.threads)
-    batches = Batches(data.train, t.batch_size, t.seed, data.tokenizer, data.mlm, cfg.data.mlm_probability)
+    # The global micro-batch: what one process with batch_size x world would read; rank r takes the r-th slice.
+    batches = Batches(data.train, t.batch_size * d.world, t.seed, data.tokenizer, data.mlm, cfg.data.mlm_probability)
     # Validation masks use a fixed seed, so runs with different training seeds score the same validation set.
     valid = valid_batches(data.valid, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0,
                           t.eval_blocks)
-    steps = total_steps(t, m.seq_len, batches.steps_per_epoch)
+    steps = total_steps(t, m.seq_len, batches.steps_per_epoch, d.world)
     schedule = resolve_schedule(method.stages, method.switch, method.switch_unit, steps, batches.steps_per_epoch,
                                 m.layers)
     cfg = dataclasses.replace(cfg, method=method)
     sampler = DepthSampler(method.sampler, m.layers, t.seed)
     if ckpt is None:
-        prepare_run_dir(out, overwrite)
+        prepare_run_dir(out, overwrite, apply=d.main)
         if method.method == "bert2bert":
             model = bert2bert(small, m, method.width_init, method.new_layers, t.seed)
         else:
@@ -218,37 +270,50 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
         state = dict(ckpt.state["counters"])
         first, stage = ckpt.step, ckpt.state["stage"]
         sampler.load_state_dict(ckpt.state["sampler"])
-        checkpoint.remove_partial(out)
-        _reopen_log(out / "metrics.jsonl", ckpt.state["log_offset"])
-    save_yaml(cfg, out / "config.yaml")
+        if d.main:
+            checkpoint.remove_partial(out)
+            _reopen_log(out / "metrics.jsonl", ckpt.state["log_offset"])
+    if d.main:
+        save_yaml(cfg, out / "config.yaml")
+    distributed.barrier(d)  # the run directory is ready before any rank goes on
     model.train()
-    tokens_per_micro = t.batch_size * m.seq_len
+    tokens_per_micro = t.batch_size * d.world * m.seq_len  # global, so FLOPs and tokens count every rank's work
     rewarm_steps = round(method.rewarm * steps)  # LR ramp after each growth (0 = none)
-    with open(out / "metrics.jsonl", "a" if ckpt else "w", encoding="utf-8") as log, \
-            tqdm(total=steps, initial=first, disable=not t.progress, desc=f"{method.method}", unit="step",
-                 dynamic_ncols=True) as bar:
+    autocast = functools.partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    log_path = out / "metrics.jsonl" if d.main else Path(os.devnull)  # only rank 0 writes
+    with open(log_path, "a" if ckpt or not d.main else "w", encoding="utf-8") as log, \
+            tqdm(total=steps, initial=first, disable=not t.progress or not d.main, desc=f"{method.method}",
+                 unit="step", dynamic_ncols=True) as bar:
         def write(record: dict) -> None:
             log.write(json.dumps(record) + "\n")
+
+        def say(message: str) -> None:
+            if d.main:
+                bar.write(message)
 
         if ckpt is None:
             write({"event": "start", "source": data.source, "steps": steps, "schedule": dataclasses.asdict(schedule),
                    "train_blocks": len(data.train), "valid_blocks": len(data.valid)})
         else:
             write({"event": "resume", "step": first, "checkpoint": ckpt.path.name, "config_changes": changes})
-            bar.write(f"[{method.method}] resumed {out} at step {first} from {ckpt.path.name}"
+            say(f"[{method.method}] resumed {out} at step {first} from {ckpt.path.name}"
                       + (f"; config changes: {'; '.join(changes)}" if changes else ""))
         if method.method == "ligo" and ckpt is None:
             train_operator(LiGO(small, model, width_map(small.config, model.config, t.seed)), model, batches, method,
                            t, data.mlm, state, write)
+        model.to(d.device)
         if small is not None:  # where the grown model starts: its validation loss before any model update
-            state["val_loss"] = evaluate(model, valid, list(range(m.layers)), data.mlm)
+            state["val_loss"] = evaluate(model, valid, list(range(m.layers)), data.mlm, autocast)
             write({"event": "eval", "step": 0, "stage": 0, "live_layers": m.layers, "val_loss": state["val_loss"],
                    "tokens": state["tokens"], "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
-            bar.write(f"[{method.method}] grown from {method.small_model}: val loss {state['val_loss']:.4f}")
+            say(f"[{method.method}] grown from {method.small_model}: val loss {state['val_loss']:.4f}")
         optimizer = make_optimizer(model, t)
         if ckpt is not None:
             optimizer.load_state_dict(ckpt.optimizer)
             checkpoint.restore_rng(ckpt.state)  # last: building the model reseeded torch
+        if t.compile:
+            compile_layers(model)
+        wrapped = distributed.wrap(LMLoss(model, data.mlm), d)
         for step in range(first, steps):
             start = time.perf_counter()
             if schedule.stage_at(step) != stage:
@@ -261,26 +326,43 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 write({"event": "grow", "step": step, "from": n_old, "to": schedule.stages[stage],
                        "growth": method.growth, "source": source, "moments": method.moments,
                        "new_layers": method.new_layers})
+                if t.compile:
+                    compile_layers(model)
+                wrapped = distributed.wrap(LMLoss(model, data.mlm), d)  # DDP over the new parameters, every rank
+                if t.check_ranks:
+                    distributed.check_same(d, distributed.weights_digest(model), f"the weights grown at step {step}")
                 if on_grow:
                     on_grow("after", step, model, layer_map(method.growth, schedule.stages[stage], m.layers))
-                bar.write(f"[{method.method}] step {step}: grew {n_old} -> {schedule.stages[stage]} live layers "
-                          f"({method.growth}, moments {method.moments}, {method.new_layers}); optimizer rebuilt")
+                say(f"[{method.method}] step {step}: grew {n_old} -> {schedule.stages[stage]} live layers "
+                          f"({method.growth}, moments {method.moments}, {method.new_layers}); optimizer "
+                          f"{'and DDP ' if d.active else ''}rebuilt")
             n_live = schedule.stages[stage]
             lr = lr_at(step, steps, t) * schedule.rewarm(step, rewarm_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             depths, loss_sum = [], 0.0
-            for micro in range(t.grad_accum):
+            for micro in range(accum):
                 depth = sampler(n_live)
-                batch = batches.batch(step * t.grad_accum + micro)
-                with shared_layers(model, layer_map(method.growth, n_live, depth)):
-                    loss = lm_loss(model, batch, data.mlm)
-                (loss / t.grad_accum).backward()
+                if t.check_ranks:
+                    distributed.check_same(d, depth, f"the depth drawn at step {step}")
+                full = batches.batch(step * accum + micro)
+                batch = {k: v[d.rank * t.batch_size:(d.rank + 1) * t.batch_size].to(d.device) for k, v in full.items()}
+                last = micro == accum - 1
+                with wrapped.no_sync() if d.active and not last else contextlib.nullcontext():
+                    with shared_layers(model, layer_map(method.growth, n_live, depth)), autocast():
+                        loss = wrapped(batch)
+                    head = head_tokens(batch, data.mlm)
+                    if d.active:  # weight by this rank's share of predicted tokens: the gradient of the global mean
+                        n = predicted_tokens(batch, data.mlm)
+                        n_all, loss_all, head = distributed.all_sum(d, [n, loss.item() * n, head])
+                        ((loss * (n * d.world / n_all)) / accum).backward()
+                        loss_sum += loss_all / n_all
+                    else:
+                        (loss / accum).backward()
+                        loss_sum += loss.item()
                 depths.append(depth)
-                loss_sum += loss.item()
-                state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len,
-                                              head_tokens(batch, data.mlm))
-            loss = loss_sum / t.grad_accum
+                state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len, int(head))
+            loss = loss_sum / accum
             # The total norm is logged for every run (growth diagnostics); max_norm=inf only measures it.
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip or math.inf))
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -296,23 +378,24 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
             state["wall_s"] += elapsed
-            state["tokens"] += tokens_per_micro * t.grad_accum
+            state["tokens"] += tokens_per_micro * accum
             write({"event": "step", "step": step, "stage": stage, "live_layers": n_live, "depth": depths,
                    "loss": loss, "grad_norm": round(grad_norm, 5), "lr": lr, "tokens": state["tokens"],
                    "flops": state["flops"], "wall_s": round(state["wall_s"], 4),
                    **({} if finite else {"skipped": True})})
-            if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps:
+            if d.main and ((step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps):
                 # Validation always runs all L positions; before the last stage, through the current map.
-                state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers), data.mlm)
+                state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers), data.mlm,
+                                             autocast)
                 write({"event": "eval", "step": step + 1, "stage": stage, "live_layers": n_live,
                        "val_loss": state["val_loss"], "tokens": state["tokens"], "flops": state["flops"],
                        "wall_s": round(state["wall_s"], 4)})
                 log.flush()
-            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
+            if d.main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
                 log.flush()
                 run_state = {"stage": stage, "live_layers": n_live, "counters": dict(state),
                              "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
-                             "data_fingerprint": checkpoint.fingerprint(data.train)}
+                             "data_fingerprint": checkpoint.fingerprint(data.train), "world": d.world}
                 path, size, seconds = checkpoint.save(out, step + 1, model, optimizer, run_state, cfg, data.tokenizer,
                                                       t.keep_checkpoints)
                 write({"event": "checkpoint", "step": step + 1, "path": str(path.relative_to(out)), "bytes": size,
@@ -320,19 +403,24 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{state['val_loss']:.3f}", stage=f"{stage}:{n_live}L",
-                            d=depths[-1], tok_s=f"{tokens_per_micro * t.grad_accum / elapsed:.0f}", refresh=False)
+                            d=depths[-1], tok_s=f"{tokens_per_micro * accum / elapsed:.0f}", refresh=False)
 
+        if t.check_ranks:
+            distributed.check_same(d, distributed.weights_digest(model), "the final weights")
+            write({"event": "rank_check", "step": steps, "ranks": d.world, "same_weights": True})
         test_loss = None
-        if data.test is not None:  # scored once, at the end, on every test block, through the full-depth map
+        if d.main and data.test is not None:  # scored once, at the end, on every test block, full-depth map
             test = valid_batches(data.test, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0, 0)
-            test_loss = evaluate(model, test, layer_map(method.growth, n_live, m.layers), data.mlm)
+            test_loss = evaluate(model, test, layer_map(method.growth, n_live, m.layers), data.mlm, autocast)
             write({"event": "test", "step": steps, "test_loss": test_loss, "blocks": len(data.test)})
-    model.save_pretrained(out / "model")
-    data.tokenizer.model_max_length = m.seq_len  # so users' tokenizer calls truncate to the position table
-    data.tokenizer.save_pretrained(out / "model")
     summary = {"method": method.method, "steps": steps, "tokens": state["tokens"], "flops": state["flops"],
                "wall_s": round(state["wall_s"], 3), "tokens_per_s": round(state["tokens"] / max(state["wall_s"], 1e-9)),
                "final_val_loss": state["val_loss"], "test_loss": test_loss, "data": data.source,
-               "layers": len(get_layers(model))}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+               "layers": len(get_layers(model)), "processes": d.world}
+    if d.main:
+        model.save_pretrained(out / "model")
+        data.tokenizer.model_max_length = m.seq_len  # so users' tokenizer calls truncate to the position table
+        data.tokenizer.save_pretrained(out / "model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    distributed.barrier(d)
     return summary
