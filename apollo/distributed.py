@@ -116,4 +116,4 @@ def wrap(module: nn.Module, d: Dist) -> nn.Module:
     if not d.active:
         return module
     ids = [d.device.index] if d.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)  # no running-stat buffers

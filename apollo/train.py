@@ -348,8 +348,11 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 full = batches.batch(step * accum + micro)
                 batch = {k: v[d.rank * t.batch_size:(d.rank + 1) * t.batch_size].to(d.device) for k, v in full.items()}
                 last = micro == accum - 1
+                positions = layer_map(method.growth, n_live, depth)
+                if d.active and len(set(positions)) != n_live:  # an unused live layer would hang DDP's all-reduce
+                    raise ApolloError(f"depth {depth} leaves live layers unused under {method.growth}")
                 with wrapped.no_sync() if d.active and not last else contextlib.nullcontext():
-                    with shared_layers(model, layer_map(method.growth, n_live, depth)), autocast():
+                    with shared_layers(model, positions), autocast():
                         loss = wrapped(batch)
                     head = head_tokens(batch, data.mlm)
                     if d.active:  # weight by this rank's share of predicted tokens: the gradient of the global mean
