@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -158,11 +159,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def _error(message: str, prefix: str = "apollo: error: ") -> None:
-    from .distributed import is_main_process
-
-    if is_main_process():  # under torchrun every rank fails alike; one line is enough
-        print(prefix + message, file=sys.stderr)
+def _error(message: str, prefix: str = "apollo: error") -> None:
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank reports, so a failure on one is not hidden
+    print(f"{prefix}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
             table = compare(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], args.overwrite,
                             args.small_hidden, args.small_layers)
-            print(table + f"\nwrote {cfg.out}/results.md, results.csv, loss_vs_flops.png")
+            if table:  # rank 0 (or the only process)
+                print(table + f"\nwrote {cfg.out}/results.md, results.csv, loss_vs_flops.png")
     except ApolloError as e:
         _error(str(e))
         return 2
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"{e.strerror or e} ({e.filename or ''})")
         return 2
     except KeyboardInterrupt:
-        _error("interrupted", "apollo: ")
+        _error("interrupted", "apollo")
         return 130
     finally:
         from .distributed import shutdown

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from . import distributed
 from .bert2bert import load_small, small_dir, small_shape
 from .config import ApolloError, MethodConfig, RunConfig, check, save_yaml
 from .data import load_lm_data
 from .methods import FROM_SMALL, METHODS, resolve_method
 from .report import report_dir
-from .train import prepare_run_dir, train
+from .train import prepare_run, train
 
 
 def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_hidden: int = 0,
@@ -57,12 +58,15 @@ def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_h
     if grows and m.small_model and not cfg.data.tokenizer:
         data_cfg = dataclasses.replace(cfg.data, tokenizer=small_dir(m.small_model))
     data = load_lm_data(data_cfg, cfg.model, cfg.train.seed)
-    prepare_run_dir(out, overwrite)
-    save_yaml(cfg, out / "config.yaml")
+    d = distributed.setup(cfg.train.device)  # under torchrun, rank 0 alone writes the shared folder and report
+    prepare_run(out, overwrite, d)
+    if d.main:
+        save_yaml(cfg, out / "config.yaml")
+    distributed.barrier(d)
     if small_cfg is not None:
         train(small_cfg, data)
     runs = {}
     for name in methods:
         train(dataclasses.replace(cfg, out=str(out / name), method=method_config(name)), data)
         runs[name] = out / name
-    return report_dir(out, runs, f"{cfg.preset or cfg.model.arch}: {data.source}")
+    return report_dir(out, runs, f"{cfg.preset or cfg.model.arch}: {data.source}") if d.main else ""

@@ -143,6 +143,14 @@ def predicted_tokens(batch: dict[str, torch.Tensor], mlm: bool) -> int:
     return int((labels != -100).sum())
 
 
+def prepare_run(out: Path, overwrite: bool, d: distributed.Dist) -> None:
+    """``prepare_run_dir`` for every rank: all check the folder as they found it, then rank 0 changes it."""
+    prepare_run_dir(out, overwrite, apply=False)
+    distributed.barrier(d)
+    if d.main:
+        prepare_run_dir(out, overwrite)
+
+
 def head_tokens(batch: dict[str, torch.Tensor], mlm: bool) -> int:
     """Positions the LM head runs at: the masked ones for MLM (``lm_loss``), every position for a causal LM."""
     return int((batch["labels"] != -100).sum()) if mlm else batch["input_ids"].numel()
@@ -257,7 +265,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     cfg = dataclasses.replace(cfg, method=method)
     sampler = DepthSampler(method.sampler, m.layers, t.seed)
     if ckpt is None:
-        prepare_run_dir(out, overwrite, apply=d.main)
+        prepare_run(out, overwrite, d)
         if method.method == "bert2bert":
             model = bert2bert(small, m, method.width_init, method.new_layers, t.seed)
         else:
