@@ -113,7 +113,7 @@ class RunConfig:
 SECTIONS = ("model", "method", "train", "data")
 
 
-def _ffn(arch: str, hidden: int) -> int:
+def default_ffn(arch: str, hidden: int) -> int:
     """4 x hidden; LLaMA's SwiGLU (3 matrices) uses 8/3 x hidden rounded up to a multiple of 8, which costs the
     FLOPs and parameters of a 4 x hidden two-matrix MLP (LLaMA paper, Sec. 2.2)."""
     return 8 * -(-hidden // 3) if arch == "llama" else 4 * hidden  # 8 * ceil(hidden / 3) = ceil(8/3 h) to 8
@@ -122,7 +122,7 @@ def _ffn(arch: str, hidden: int) -> int:
 def _paper(arch: str, layers: int, hidden: int, heads: int) -> RunConfig:
     """Paper Table 5 sizes with the paper's training settings (bf16 aside)."""
     bert = arch in MASKED_ARCHS
-    model = ModelConfig(arch, layers, hidden, heads, _ffn(arch, hidden), 30522 if bert else 50257,
+    model = ModelConfig(arch, layers, hidden, heads, default_ffn(arch, hidden), 30522 if bert else 50257,
                         512 if bert else 1024, 0.1)
     train = TrainConfig(batch_size=768 if bert else 512, lr=1e-4, tokens=10**9, eval_every=1000)
     return RunConfig(model=model, train=train)
@@ -131,8 +131,8 @@ def _paper(arch: str, layers: int, hidden: int, heads: int) -> RunConfig:
 def _tiny(arch: str) -> RunConfig:
     """CPU preset: 12 layers, seq 128, sized so the layers dominate a step's FLOPs (see tests/test_config.py).
 
-    llama-tiny's FFN is 344 (``_ffn``), so its layers cost what gpt-tiny's do (within 1%) and runs compare."""
-    model = ModelConfig(arch, 12, 128, 4, _ffn(arch, 128), 4096, 128, 0.0)
+    llama-tiny's FFN is 344 (``default_ffn``), so its layers cost what gpt-tiny's do (within 1%) and runs compare."""
+    model = ModelConfig(arch, 12, 128, 4, default_ffn(arch, 128), 4096, 128, 0.0)
     return RunConfig(model=model, train=TrainConfig(batch_size=16, lr=1e-3, tokens=3_000_000, eval_every=50))
 
 
