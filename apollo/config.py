@@ -116,7 +116,7 @@ SECTIONS = ("model", "method", "train", "data")
 def default_ffn(arch: str, hidden: int) -> int:
     """4 x hidden; LLaMA's SwiGLU (3 matrices) uses 8/3 x hidden rounded up to a multiple of 8, which costs the
     FLOPs and parameters of a 4 x hidden two-matrix MLP (LLaMA paper, Sec. 2.2)."""
-    return 8 * -(-hidden // 3) if arch == "llama" else 4 * hidden  # 8 * ceil(hidden / 3) = ceil(8/3 h) to 8
+    return 8 * -(-hidden // 3) if arch == "llama" else 4 * hidden  # 8 * ceil(h / 3): 8/3 h, up to a multiple of 8
 
 
 def _paper(arch: str, layers: int, hidden: int, heads: int) -> RunConfig:

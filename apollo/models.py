@@ -6,6 +6,7 @@ counter all work through ``get_layers`` / ``set_layers`` and the ``ADAPTERS`` ta
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 
@@ -49,13 +50,13 @@ class Adapter:
     positions_after_pad: bool = False  # RoBERTa: position ids start at pad_token_id + 1
 
 
-_BERT_LAYER = {"residual_outputs": ("attention.output.dense", "output.dense"),
-               "post_ln": ("attention.output.LayerNorm", "output.LayerNorm")}
+_BERT = Adapter("bert.encoder.layer", mlm=True, residual_outputs=("attention.output.dense", "output.dense"),
+                post_ln=("attention.output.LayerNorm", "output.LayerNorm"), head="cls", head_dense=True)
 _LLAMA = Adapter("model.layers", residual_outputs=("self_attn.o_proj", "mlp.down_proj"), gated_mlp=True)
 # To support another architecture, add its model_type here (see Adapter for the fields).
 ADAPTERS = types.MappingProxyType({
-    "bert": Adapter("bert.encoder.layer", mlm=True, head="cls", head_dense=True, **_BERT_LAYER),
-    "roberta": Adapter("roberta.encoder.layer", mlm=True, head_dense=True, positions_after_pad=True, **_BERT_LAYER),
+    "bert": _BERT,
+    "roberta": dataclasses.replace(_BERT, layers="roberta.encoder.layer", head="lm_head", positions_after_pad=True),
     "gpt2": Adapter("transformer.h", depth_field="n_layer", residual_outputs=("attn.c_proj", "mlp.c_proj"),
                     ffn_field="n_inner"),
     "llama": _LLAMA,

@@ -85,3 +85,10 @@ def test_check_rejects_an_unknown_arch():
     cfg = preset("bert-tiny")
     with pytest.raises(ApolloError, match=r"unknown --arch 't5' \(choose from bert, roberta, gpt2, llama\)"):
         check(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="t5")))
+
+
+def test_masked_archs_agree_with_the_adapter_table():
+    from apollo.config import ARCHS, MASKED_ARCHS
+    from apollo.models import ADAPTERS
+
+    assert all(ADAPTERS[a].mlm == (a in MASKED_ARCHS) for a in ARCHS)
