@@ -38,7 +38,7 @@ from transformers import AutoConfig, BertForMaskedLM, GPT2LMHeadModel, PreTraine
 
 from .config import ApolloError, ModelConfig
 from .growth import expand_layers, zeroed_params
-from .models import POST_LN, build_model, get_layers, layer_path, width_axes, width_key
+from .models import WIDTH_AXES, adapter, build_model, get_layers, layer_path, width_axes, width_key
 
 WIDTH_INITS = ("aki", "fpi")
 
@@ -55,8 +55,15 @@ class WidthMap:
 
 def dims(config) -> tuple[int, int, int]:
     """(hidden, heads, ffn) of a BERT or GPT-2 config."""
-    ffn = config.intermediate_size if config.model_type == "bert" else (config.n_inner or 4 * config.hidden_size)
+    ffn = getattr(config, adapter(config.model_type).ffn_field, None) or 4 * config.hidden_size
     return config.hidden_size, config.num_attention_heads, ffn
+
+
+def check_width_arch(arch: str) -> None:
+    """Width growth (bert2BERT, LiGO) needs a parameter layout in ``models.WIDTH_AXES``."""
+    if arch not in WIDTH_AXES:
+        raise ApolloError(f"bert2bert and ligo grow width, which apollo supports for {' and '.join(WIDTH_AXES)} only, "
+                          f"not {arch}")
 
 
 def width_map(small_config, target_config, seed: int) -> WidthMap:
@@ -133,12 +140,13 @@ def small_dir(run_dir: str | Path) -> str:
 
 def load_small(run_dir: str | Path, target: ModelConfig) -> PreTrainedModel:
     """The trained model of a run directory (``RUN/model`` or a model directory), checked against the target."""
+    check_width_arch(target.arch)
     path = Path(small_dir(run_dir))
     if not (path / "config.json").is_file():
         raise ApolloError(f"--small-model {run_dir}: no trained model there (expected {path}/config.json)")
     try:
         config = AutoConfig.from_pretrained(path)
-        cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel}.get(config.model_type)
+        cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel}.get(config.model_type)  # the WIDTH_AXES types
         if cls is None:
             raise ApolloError(f"--small-model {run_dir}: model type {config.model_type!r} (need bert or gpt2)")
         small = cls.from_pretrained(path)
@@ -175,7 +183,7 @@ def hand_off_layernorms(model: nn.Module, source: list[int]) -> None:
     already normalised ``n`` (``LN(n) = n`` up to eps), and the last copy's output LayerNorm applies the ``g, b``
     taken from the layer below.
     """
-    names = POST_LN.get(model.config.model_type)
+    names = adapter(model.config.model_type).post_ln
     layers = get_layers(model)
     zeroed = {id(p) for p in zeroed_params(model, layers, source)}
     copies = [any(id(p) in zeroed for p in layer.parameters()) for layer in layers]
@@ -212,6 +220,7 @@ def bert2bert(small: PreTrainedModel, target: ModelConfig, init: str, new_layers
 
 def small_shape(target: ModelConfig, hidden: int = 0, layers: int = 0) -> ModelConfig:
     """The default small model for a target: half the width (same head size, FFN scaled alike), same depth."""
+    check_width_arch(target.arch)
     hidden = hidden or target.hidden // 2
     head = target.hidden // target.heads
     if hidden % head or hidden > target.hidden:

@@ -20,6 +20,11 @@ class ApolloError(ValueError):
     """A problem with the user's input: reported as one line with exit code 2."""
 
 
+# Architectures with presets (``models.hf_config``); each is a Hugging Face model_type in ``models.ADAPTERS``.
+ARCHS = ("bert", "roberta", "gpt2", "llama")
+MASKED_ARCHS = ("bert", "roberta")  # masked LM; the others are causal LMs
+
+
 def _f(default, help_: str):
     """A config field with its CLI help text."""
     return field(default=default, metadata={"help": help_})
@@ -27,7 +32,8 @@ def _f(default, help_: str):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = _f("bert", "bert (masked LM, post-LN) | gpt2 (causal LM, pre-LN)")
+    arch: str = _f("bert", "bert | roberta (masked LM, post-LN) | gpt2 (causal LM, pre-LN) | llama (causal LM, "
+                           "pre-RMSNorm, rotary, SwiGLU)")
     layers: int = _f(12, "target depth L")
     hidden: int = _f(128, "hidden size")
     heads: int = _f(4, "attention heads")
@@ -115,18 +121,27 @@ SECTIONS = ("model", "method", "train", "data")
 PRECISIONS = ("fp32", "bf16")
 
 
+def default_ffn(arch: str, hidden: int) -> int:
+    """4 x hidden; LLaMA's SwiGLU (3 matrices) uses 8/3 x hidden rounded up to a multiple of 8, which costs the
+    FLOPs and parameters of a 4 x hidden two-matrix MLP (LLaMA paper, Sec. 2.2)."""
+    return 8 * -(-hidden // 3) if arch == "llama" else 4 * hidden  # 8 * ceil(h / 3): 8/3 h, up to a multiple of 8
+
+
 def _paper(arch: str, layers: int, hidden: int, heads: int) -> RunConfig:
     """Paper Table 5 sizes with the paper's training settings (bf16 aside)."""
-    bert = arch == "bert"
-    model = ModelConfig(arch, layers, hidden, heads, 4 * hidden, 30522 if bert else 50257, 512 if bert else 1024, 0.1)
+    bert = arch in MASKED_ARCHS
+    model = ModelConfig(arch, layers, hidden, heads, default_ffn(arch, hidden), 30522 if bert else 50257,
+                        512 if bert else 1024, 0.1)
     # The paper's global batch (768 / 512 sequences) reached by gradient accumulation over micro-batches of 32.
     train = TrainConfig(batch_size=32, global_batch=768 if bert else 512, lr=1e-4, tokens=10**9, eval_every=1000)
     return RunConfig(model=model, train=train)
 
 
 def _tiny(arch: str) -> RunConfig:
-    """CPU preset: 12 layers, seq 128, sized so the layers dominate a step's FLOPs (see tests/test_config.py)."""
-    model = ModelConfig(arch, 12, 128, 4, 512, 4096, 128, 0.0)
+    """CPU preset: 12 layers, seq 128, sized so the layers dominate a step's FLOPs (see tests/test_config.py).
+
+    llama-tiny's FFN is 344 (``default_ffn``), so its layers cost what gpt-tiny's do (within 1%) and runs compare."""
+    model = ModelConfig(arch, 12, 128, 4, default_ffn(arch, 128), 4096, 128, 0.0)
     return RunConfig(model=model, train=TrainConfig(batch_size=16, lr=1e-3, tokens=3_000_000, eval_every=50))
 
 
@@ -134,11 +149,14 @@ _PRESETS = types.MappingProxyType(
     {
         "bert-tiny": lambda: _tiny("bert"),
         "gpt-tiny": lambda: _tiny("gpt2"),
+        "roberta-tiny": lambda: _tiny("roberta"),
+        "llama-tiny": lambda: _tiny("llama"),
         "bert-small": lambda: _paper("bert", 12, 512, 8),
         "bert-base": lambda: _paper("bert", 12, 768, 12),
         "bert-large": lambda: _paper("bert", 24, 1024, 16),
         "gpt-small": lambda: _paper("gpt2", 12, 512, 8),
         "gpt-base": lambda: _paper("gpt2", 12, 768, 12),
+        "llama-base": lambda: _paper("llama", 12, 768, 12),
     }
 )
 PRESET_NAMES = tuple(_PRESETS)
@@ -265,6 +283,8 @@ def save_yaml(cfg: RunConfig, path: str | Path) -> None:
 def check(cfg: RunConfig) -> None:
     """Reject values no run can use, before anything is loaded or written."""
     m, t, d = cfg.model, cfg.train, cfg.data
+    if m.arch not in ARCHS:
+        raise ApolloError(f"unknown --arch {m.arch!r} (choose from {', '.join(ARCHS)})")
     positive = {"layers": m.layers, "hidden": m.hidden, "heads": m.heads, "ffn": m.ffn, "vocab": m.vocab,
                 "seq_len": m.seq_len, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr}
     for name, value in positive.items():

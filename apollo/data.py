@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from .config import ApolloError, DataConfig, ModelConfig
+from .models import adapter
 
-ARCHS = ("bert", "gpt2")
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 GPT2_EOS = "<|endoftext|>"
 _TOKENIZE_CHUNK = 10_000  # texts per batched tokenizer call in pack_blocks
@@ -302,36 +302,38 @@ def _byte_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def masked(arch: str) -> bool:
+    """Masked LM (BERT, RoBERTa: WordPiece, [CLS] ... [SEP] blocks) or causal LM (byte-level BPE, eos separators)."""
+    return adapter(arch).mlm
+
+
 def train_tokenizer(texts: list[str], arch: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a BERT-style WordPiece or GPT-2-style byte-level BPE tokenizer (deterministic, <= vocab_size tokens)."""
-    if arch == "bert":
+    """Train a BERT-style WordPiece (masked LMs) or GPT-2-style byte-level BPE tokenizer (causal LMs);
+    deterministic, <= vocab_size tokens."""
+    if masked(arch):
         names = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
         specials = dict(zip(names, BERT_SPECIALS, strict=True))
         fast = PreTrainedTokenizerFast(tokenizer_object=_wordpiece(texts, vocab_size), **specials)
-    elif arch == "gpt2":
+    else:
         # No pad token: blocks are fixed-length, and pad == eos would let collators hide the separators from the loss.
         fast = PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(texts, vocab_size), bos_token=GPT2_EOS,
                                        eos_token=GPT2_EOS, unk_token=GPT2_EOS)
-    else:
-        raise ApolloError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
     if len(fast) > vocab_size:
         raise ApolloError(f"trained {arch} tokenizer has {len(fast)} tokens, more than vocab {vocab_size}")
     return fast
 
 
 def _separator_id(tokenizer: PreTrainedTokenizerBase, arch: str) -> int:
-    sep = tokenizer.sep_token_id if arch == "bert" else tokenizer.eos_token_id
+    sep = tokenizer.sep_token_id if masked(arch) else tokenizer.eos_token_id
     if sep is None:
-        raise ApolloError(f"tokenizer has no {'[SEP]' if arch == 'bert' else 'eos'} token for arch {arch}")
+        raise ApolloError(f"tokenizer has no {'[SEP]' if masked(arch) else 'eos'} token for arch {arch}")
     return sep
 
 
 def pack_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, arch: str) -> torch.Tensor:
     """Tokenize, join texts with a separator (after each text), and cut into [n_blocks, seq_len]; drop the rest."""
-    if arch not in ARCHS:
-        raise ApolloError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
     sep = _separator_id(tokenizer, arch)
-    body = seq_len - 2 if arch == "bert" else seq_len  # bert reserves [CLS] ... [SEP]
+    body = seq_len - 2 if masked(arch) else seq_len  # masked LMs reserve [CLS] ... [SEP]
     if body < 1:
         raise ApolloError(f"seq_len {seq_len} is too short for {arch}")
     chunks = [np.zeros(0, dtype=np.int64)]
@@ -345,7 +347,7 @@ def pack_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: i
     if n == 0:
         raise ApolloError(f"corpus has {len(ids)} tokens, fewer than one block of {seq_len}")
     blocks = torch.from_numpy(ids[: n * body]).view(n, body)
-    if arch == "bert":
+    if masked(arch):
         cls = torch.full((n, 1), tokenizer.cls_token_id, dtype=torch.long)
         blocks = torch.cat([cls, blocks, torch.full((n, 1), sep, dtype=torch.long)], dim=1)
     return blocks
@@ -359,7 +361,7 @@ class LMData:
     tokenizer: PreTrainedTokenizerBase
     train: torch.Tensor  # [n_train, seq_len] token ids
     valid: torch.Tensor  # [n_valid, seq_len]
-    mlm: bool  # masked LM (bert) vs causal LM (gpt2)
+    mlm: bool  # masked LM (bert, roberta) vs causal LM (gpt2, llama)
     source: str  # human description of where the text came from
     test: torch.Tensor | None = None  # [n_test, seq_len], scored once at the end; None = no test files
 
@@ -372,7 +374,7 @@ def _load_tokenizer(path: str, model: ModelConfig) -> PreTrainedTokenizerBase:
         raise ApolloError(f"cannot load tokenizer {path}: {e.__class__.__name__}: {msg}") from None
     if len(tok) > model.vocab:
         raise ApolloError(f"tokenizer {path} has {len(tok)} tokens, more than model vocab {model.vocab}")
-    needed = ("cls_token", "sep_token", "mask_token") if model.arch == "bert" else ("eos_token",)
+    needed = ("cls_token", "sep_token", "mask_token") if masked(model.arch) else ("eos_token",)
     missing = [name for name in needed if getattr(tok, name) is None]
     if missing:
         raise ApolloError(f"tokenizer {path} lacks {', '.join(missing)} needed for {model.arch}")
@@ -430,7 +432,7 @@ def load_lm_data(data: DataConfig, model: ModelConfig, seed: int) -> LMData:
     test = pack_blocks(read_text_files(data.test), tok, model.seq_len, model.arch) if data.test else None
     if data.test:
         source += f"; test: {', '.join(data.test)}"
-    return LMData(tokenizer=tok, train=train, valid=valid, mlm=model.arch == "bert", source=source, test=test)
+    return LMData(tokenizer=tok, train=train, valid=valid, mlm=masked(model.arch), source=source, test=test)
 
 
 # ---- batches ---------------------------------------------------------------------------------------------------

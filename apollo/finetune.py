@@ -34,6 +34,7 @@ from transformers.utils import logging as hf_logging
 from . import squad
 from .config import ApolloError, load_yaml
 from .glue import GLUE_TASKS, Example, glue_metrics, hub_splits, tsv_splits
+from .models import adapter, max_tokens
 
 TASKS = (*GLUE_TASKS, *squad.SQUAD_TASKS)
 HEADLINE = {**{name: t.metrics[0] for name, t in GLUE_TASKS.items()}, "squad": "f1", "squad_v2": "f1"}
@@ -127,8 +128,8 @@ def _load(cfg: FinetuneConfig, path: Path):
 
 
 def _positions(config) -> int:
-    """The model's position-table size (BERT: max_position_embeddings, GPT-2: n_positions)."""
-    return getattr(config, "max_position_embeddings", None) or config.n_positions
+    """The longest input the model's position table takes (``models.max_tokens``)."""
+    return max_tokens(config)
 
 
 @contextlib.contextmanager
@@ -295,12 +296,12 @@ def lm_perplexity(run: Path, files: list[str]) -> float:
 
     path = model_dir(run)
     config = AutoConfig.from_pretrained(path)
-    mlm = config.model_type == "bert"
+    mlm = adapter(config.model_type).mlm
     with _quiet():
         model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     tok.model_max_length = int(1e30)
-    blocks = pack_blocks(read_text_files(files), tok, _positions(config), "bert" if mlm else "gpt2")
+    blocks = pack_blocks(read_text_files(files), tok, _positions(config), config.model_type)
     batches = valid_batches(blocks, 16, tok, mlm, 0.15, seed=0, max_blocks=0)
     return math.exp(evaluate(model, batches, list(range(len(get_layers(model)))), mlm))
 

@@ -5,19 +5,25 @@ Spec: "Training FLOPs are counted per step from the depth actually executed (for
 implementation computes)."
 
 Convention (the same as ``torch.utils.flop_counter.FlopCounterMode``): 2 FLOPs per multiply-accumulate,
-matrix multiplications only (layer norms, softmax, activations, biases and the loss are not counted).
-With ``h`` the hidden size, ``f`` the FFN width, ``V`` the vocabulary and ``s`` the sequence length,
-the forward FLOPs per token are:
+matrix multiplications only (layer norms, RMSNorm, softmax, activations, rotary embeddings, biases and the
+loss are not counted). With ``h`` the hidden size, ``f`` the FFN width, ``V`` the vocabulary, ``s`` the
+sequence length, ``a = heads * head_dim`` the attention width (``= h`` for every preset) and
+``kv = kv_heads * head_dim`` the key/value width (``= a`` without grouped-query attention), the forward
+FLOPs per token are:
 
 * embeddings: 0 (table lookups);
-* per transformer layer: Q, K, V, O projections ``4 * 2*h*h``; attention scores ``Q K^T`` and the
-  attention-weighted values ``2 * 2*s*h`` over the full ``s x s`` matrices (no causal discount: the
-  implementation computes the full matrices, GPT-2 masks them afterwards); FFN ``2 * 2*h*f``.
-  The number of heads does not change these counts;
-* LM head at every position it is computed on: BERT ``BertForMaskedLM`` head transform dense
-  ``2*h*h`` plus decoder ``2*V*h``; GPT-2 ``GPT2LMHeadModel`` ``lm_head`` ``2*V*h``. HF computes it at
-  every position; apollo's training loop (``models.lm_loss``) runs BERT's head only at the masked
-  positions, so callers pass ``head_tokens`` = the number of labelled positions there.
+* per transformer layer: Q and O projections ``2 * 2*h*a``, K and V projections ``2 * 2*h*kv`` (BERT,
+  RoBERTa, GPT-2: ``4 * 2*h*h``); attention scores ``Q K^T`` and the attention-weighted values
+  ``2 * 2*s*a`` over the full ``s x s`` matrices (no causal discount: the implementation computes the full
+  matrices and masks them afterwards); FFN ``2 * 2*h*f``, or ``3 * 2*h*f`` for a gated (SwiGLU) MLP with
+  gate, up and down projections (LLaMA, Mistral, Qwen2). The number of heads does not change these counts;
+* LM head at every position it is computed on: ``2*V*h``, plus the ``2*h*h`` head transform dense of BERT
+  (``BertForMaskedLM``) and RoBERTa (``RobertaForMaskedLM``). HF computes it at every position; apollo's
+  training loop (``models.lm_loss``) runs a masked LM's head only at the masked positions, so callers pass
+  ``head_tokens`` = the number of labelled positions there.
+
+Which of these a model type has comes from its ``models.ADAPTERS`` entry (``gated_mlp``, ``head_dense``,
+``ffn_field``); an unregistered model type is an ``ApolloError``.
 
 A training step is forward + backward, backward = 2 x forward (gradients w.r.t. inputs and weights),
 so a step costs 3 x forward.
@@ -25,33 +31,45 @@ so a step costs 3 x forward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from .models import adapter
 
-def _dims(config: Any) -> tuple[str, int, int, int]:
-    """(model_type, hidden, ffn, vocab) from a BertConfig or GPT2Config."""
-    kind = getattr(config, "model_type", None)
-    h = int(config.hidden_size)
-    if kind == "bert":
-        ffn = int(config.intermediate_size)
-    elif kind == "gpt2":
-        ffn = int(config.n_inner or 4 * h)
-    else:
-        raise ValueError(f"FLOP formulas exist only for model_type 'bert' and 'gpt2', got {kind!r}")
-    return kind, h, ffn, int(config.vocab_size)
+
+@dataclass(frozen=True)
+class _Dims:
+    hidden: int
+    attn: int  # heads * head_dim
+    kv: int  # kv_heads * head_dim
+    ffn: int
+    vocab: int
+    mlp_matrices: int  # 2, or 3 for a gated MLP
+    head_dense: bool
+
+
+def _dims(config: Any) -> _Dims:
+    a = adapter(getattr(config, "model_type", None))
+    h, heads = int(config.hidden_size), int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    ffn = int(getattr(config, a.ffn_field, None) or 4 * h)
+    return _Dims(h, heads * head_dim, kv_heads * head_dim, ffn, int(config.vocab_size), 3 if a.gated_mlp else 2,
+                 a.head_dense)
 
 
 def layer_flops(config: Any, tokens: int, seq_len: int) -> int:
     """Forward FLOPs of one transformer layer for ``tokens`` tokens in sequences of ``seq_len``."""
-    _, h, ffn, _ = _dims(config)
-    per_token = 4 * 2 * h * h + 2 * 2 * seq_len * h + 2 * 2 * h * ffn
+    d = _dims(config)
+    per_token = (2 * 2 * d.hidden * d.attn + 2 * 2 * d.hidden * d.kv + 2 * 2 * seq_len * d.attn
+                 + d.mlp_matrices * 2 * d.hidden * d.ffn)
     return tokens * per_token
 
 
 def fixed_flops(config: Any, tokens: int) -> int:
     """Forward FLOPs of everything outside the layers: embeddings (0) and the LM head over ``tokens`` positions."""
-    kind, h, _, vocab = _dims(config)
-    head = 2 * vocab * h + (2 * h * h if kind == "bert" else 0)
+    d = _dims(config)
+    head = 2 * d.vocab * d.hidden + (2 * d.hidden * d.hidden if d.head_dense else 0)
     return tokens * head
 
 

@@ -2,7 +2,9 @@
 
 Sharing: one forward at depth ``d`` runs live layer ``map[j]`` at position ``j``. We swap the model's
 layer list for the pass (the same modules, by reference), so the HF forward code is untouched and
-parameter names stay ``...layer.{i}...`` for the ``N_s`` live layers.
+parameter names stay ``...layer.{i}...`` for the ``N_s`` live layers. The config's depth (and per-layer
+lists such as ``layer_types``) says ``d`` during the pass: LLaMA-style models run only
+``layers[:config.num_hidden_layers]``.
 
 Growth is a rebuild: new layers are deep copies of their source layers, and the optimizer is built
 afresh over the new parameters, with each new parameter's AdamW state copied from its source
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from .config import ApolloError
-from .models import get_layers, layer_path, renumber_layers, residual_outputs, set_layers
+from .models import depth_state, get_layers, layer_path, renumber_layers, residual_outputs, set_layers
 
 GROWTH = ("interpolation", "stacking")
 MOMENTS = ("copy", "reset")
@@ -63,13 +65,18 @@ def layer_map(kind: str, n_live: int, depth: int) -> list[int]:
 
 @contextlib.contextmanager
 def shared_layers(model: nn.Module, positions: list[int]) -> Iterator[None]:
-    """Run the model with live layer ``positions[j]`` at position ``j`` (shared by reference)."""
-    live = get_layers(model)
-    set_layers(model, nn.ModuleList([live[i] for i in positions]), depth_field=False)
+    """Run the model with live layer ``positions[j]`` at position ``j`` (shared by reference).
+
+    Shared layers keep their live ``layer_idx``, so the pass must not use a KV cache (training runs without).
+    """
+    live, depth = get_layers(model), depth_state(model.config)
+    set_layers(model, nn.ModuleList([live[i] for i in positions]), source=positions)
     try:
         yield
     finally:
         set_layers(model, live, depth_field=False)
+        for name, value in depth.items():
+            setattr(model.config, name, value)
 
 
 def zeroed_params(model: nn.Module, layers: nn.ModuleList, source: list[int]) -> list[nn.Parameter]:
@@ -94,7 +101,7 @@ def expand_layers(model: nn.Module, n_new: int, kind: str, new_layers: str = "co
             for p in zeroed_params(model, new, source):
                 p.zero_()
     renumber_layers(new)
-    set_layers(model, new)
+    set_layers(model, new, source=source)
     return source
 
 

@@ -35,6 +35,7 @@ from apollo.config import (
     MethodConfig,
     RunConfig,
     config_changes,
+    default_ffn,
     load_yaml,
     preset,
     to_dict,
@@ -85,7 +86,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     cfg = preset(args.preset)
     m = cfg.model
     if args.hidden:
-        m = dataclasses.replace(m, hidden=args.hidden, ffn=4 * args.hidden, heads=max(1, args.hidden // 32))
+        m = dataclasses.replace(m, hidden=args.hidden, ffn=default_ffn(m.arch, args.hidden),
+                                heads=max(1, args.hidden // 32))
     t = dataclasses.replace(cfg.train, tokens=args.tokens, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
                             seed=args.seed, threads=args.threads, progress=not args.no_progress,
                             **({"lr": args.lr} if args.lr else {}))
@@ -105,10 +107,11 @@ def finished(run_dir: Path, cfg: RunConfig) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="gpt-tiny", choices=["bert-tiny", "gpt-tiny"])
+    ap.add_argument("--preset", default="gpt-tiny", choices=["bert-tiny", "gpt-tiny", "roberta-tiny", "llama-tiny"])
     ap.add_argument("--data-dir", required=True, help="directory with WikiText-2's " + ", ".join(FILES.values()))
     ap.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run")
-    ap.add_argument("--hidden", type=int, default=0, help="override the preset's width (ffn = 4x, heads = h/32)")
+    ap.add_argument("--hidden", type=int, default=0,
+                    help="override the preset's width (ffn = 4x, llama 8/3x; heads = h/32)")
     ap.add_argument("--lr", type=float, default=0.0, help="override the preset's peak learning rate")
     ap.add_argument("--methods", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     ap.add_argument("--eval-every", type=int, default=25)

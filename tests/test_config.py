@@ -23,7 +23,7 @@ def test_paper_table5_sizes():
     assert preset("bert-base").model.vocab == 30522 and preset("gpt-base").model.seq_len == 1024
 
 
-@pytest.mark.parametrize("name", ["bert-tiny", "gpt-tiny"])
+@pytest.mark.parametrize("name", ["bert-tiny", "gpt-tiny", "roberta-tiny", "llama-tiny"])
 def test_tiny_presets_let_layers_dominate(name):
     """Embeddings + LM head <= 1/4 of a full-depth step's FLOPs (cpu-scale-findings.md)."""
     m = preset(name).model
@@ -59,3 +59,36 @@ def test_check_rejects_unusable_values(section, change, match):
     cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **change)})
     with pytest.raises(ApolloError, match=match):
         check(cfg)
+
+
+def test_roberta_and_llama_presets_build_their_hf_classes():
+    roberta, llama = preset("roberta-tiny").model, preset("llama-tiny").model
+    assert (roberta.layers, roberta.hidden, roberta.heads, roberta.vocab, roberta.seq_len) == (12, 128, 4, 4096, 128)
+    assert (llama.layers, llama.hidden, llama.heads, llama.vocab, llama.seq_len, llama.ffn) == (12, 128, 4, 4096, 128,
+                                                                                                  344)
+    assert preset("llama-base").model.ffn == 2048 and preset("llama-base").model.vocab == 50257
+    r = hf_config(roberta)
+    # [PAD] is id 0 in our WordPiece tokenizer; positions 1..seq_len follow it
+    assert (r.pad_token_id, r.max_position_embeddings, r.type_vocab_size) == (0, 129, 1)
+    ll = hf_config(llama)
+    assert (ll.intermediate_size, ll.num_key_value_heads, ll.max_position_embeddings) == (344, 4, 128)
+    assert not ll.use_cache and not ll.tie_word_embeddings and ll.pad_token_id is None
+    assert (ll.bos_token_id, ll.eos_token_id) == (0, 0)
+    assert type(build_model(roberta, 1, 0)).__name__ == "RobertaForMaskedLM"
+    assert type(build_model(llama, 1, 0)).__name__ == "LlamaForCausalLM"
+    # llama-tiny's SwiGLU layers cost what gpt-tiny's 4h MLP layers do, within 1%
+    gpt = hf_config(preset("gpt-tiny").model)
+    assert abs(forward_flops(ll, 12, 2048, 128) / forward_flops(gpt, 12, 2048, 128) - 1) < 0.01
+
+
+def test_check_rejects_an_unknown_arch():
+    cfg = preset("bert-tiny")
+    with pytest.raises(ApolloError, match=r"unknown --arch 't5' \(choose from bert, roberta, gpt2, llama\)"):
+        check(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="t5")))
+
+
+def test_masked_archs_agree_with_the_adapter_table():
+    from apollo.config import ARCHS, MASKED_ARCHS
+    from apollo.models import ADAPTERS
+
+    assert all(ADAPTERS[a].mlm == (a in MASKED_ARCHS) for a in ARCHS)

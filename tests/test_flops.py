@@ -8,13 +8,32 @@ from functools import cache
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    T5Config,
+)
 
+from apollo.config import ApolloError
 from apollo.flops import fixed_flops, forward_flops, layer_flops, train_flops
 
 HIDDEN, HEADS, FFN, VOCAB, SEQ, BATCH = 64, 4, 256, 512, 32, 2
+LLAMA_FFN = 176  # 8/3 x hidden rounded up to a multiple of 8, as in the llama-tiny preset
 TOKENS = BATCH * SEQ
 REL_TOL = 0.02
+ARCHS = ["bert", "gpt2", "roberta", "llama"]
+CLASSES = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel, "roberta": RobertaForMaskedLM, "llama": LlamaForCausalLM}
 
 
 def make_config(arch: str, depth: int):
@@ -22,6 +41,14 @@ def make_config(arch: str, depth: int):
         config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=depth, num_attention_heads=HEADS,
                             intermediate_size=FFN, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)
+    elif arch == "roberta":  # as models.hf_config: positions after pad id 0, one token type
+        config = RobertaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=depth, num_attention_heads=HEADS,
+                               intermediate_size=FFN, max_position_embeddings=SEQ + 1, type_vocab_size=1,
+                               pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    elif arch == "llama":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=depth, num_attention_heads=HEADS,
+                             intermediate_size=LLAMA_FFN, max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=0,
+                             use_cache=False)
     else:
         config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=depth, n_head=HEADS, n_inner=FFN, n_positions=SEQ,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
@@ -35,7 +62,7 @@ def measured(arch: str, depth: int, train: bool) -> int:
     """FlopCounterMode total for one forward (``train=False``) or forward + backward step."""
     torch.manual_seed(0)
     config = make_config(arch, depth)
-    model = (BertForMaskedLM if arch == "bert" else GPT2LMHeadModel)(config)
+    model = CLASSES[arch](config)
     assert model.config._attn_implementation == "eager"
     assert model.config.num_hidden_layers == depth
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
@@ -56,7 +83,7 @@ def rel_err(analytic: int, measured_flops: int) -> float:
 
 
 @pytest.mark.parametrize("depth", [1, 3, 12])
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_forward_flops_match_flop_counter(arch, depth):
     got = measured(arch, depth, train=False)
     assert got > 0
@@ -64,14 +91,14 @@ def test_forward_flops_match_flop_counter(arch, depth):
 
 
 @pytest.mark.parametrize("depth", [1, 3, 12])
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_train_flops_match_flop_counter(arch, depth):
     got = measured(arch, depth, train=True)
     assert got > 2 * measured(arch, depth, train=False)  # the backward really was counted
     assert rel_err(train_flops(make_config(arch, depth), depth, TOKENS, SEQ), got) < REL_TOL
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_depth_difference_is_per_layer_cost(arch):
     config = make_config(arch, 12)
     per_layer = layer_flops(config, TOKENS, SEQ)
@@ -105,13 +132,13 @@ def test_attention_scores_grow_with_sequence_length():
 
 
 def test_unknown_model_type_raises():
-    with pytest.raises(ValueError, match="llama"):
-        layer_flops(LlamaConfig(), TOKENS, SEQ)
+    with pytest.raises(ApolloError, match=r"unknown model_type 't5'.*apollo\.models\.ADAPTERS"):
+        layer_flops(T5Config(), TOKENS, SEQ)
     with pytest.raises(ValueError, match="depth"):
         forward_flops(make_config("bert", 1), -1, TOKENS, SEQ)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("live, depth", [(1, 5), (3, 8), (6, 12)])
 def test_shared_layer_step_costs_its_executed_depth(arch, live, depth):
     """What the trainer counts for a step at depth d with N live layers is what that step executes."""
@@ -119,7 +146,7 @@ def test_shared_layer_step_costs_its_executed_depth(arch, live, depth):
     from apollo.models import get_layers, set_layers
 
     torch.manual_seed(0)
-    model = (BertForMaskedLM if arch == "bert" else GPT2LMHeadModel)(make_config(arch, live))
+    model = CLASSES[arch](make_config(arch, live))
     set_layers(model, torch.nn.ModuleList(list(get_layers(model))[:live]))
     ids = torch.randint(5, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
@@ -130,13 +157,14 @@ def test_shared_layer_step_costs_its_executed_depth(arch, live, depth):
     assert abs(counter.get_total_flops() - expected) <= REL_TOL * expected
 
 
-def test_sparse_mlm_head_flops_match_flop_counter():
-    """apollo's MLM loss runs BERT's head only at masked positions; the formula counts exactly those."""
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_sparse_mlm_head_flops_match_flop_counter(arch):
+    """apollo's MLM loss runs the head only at masked positions; the formula counts exactly those."""
     from apollo.models import lm_loss
 
     torch.manual_seed(0)
-    config = make_config("bert", 3)
-    model = BertForMaskedLM(config).train()
+    config = make_config(arch, 3)
+    model = CLASSES[arch](config).train()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
     labels = torch.full_like(ids, -100)
     labels[:, ::5] = ids[:, ::5]  # 7 of 32 positions per row are predicted
@@ -147,3 +175,48 @@ def test_sparse_mlm_head_flops_match_flop_counter():
     got = counter.get_total_flops()
     assert rel_err(train_flops(config, 3, TOKENS, SEQ, head_tokens), got) < REL_TOL
     assert train_flops(config, 3, TOKENS, SEQ, head_tokens) < train_flops(config, 3, TOKENS, SEQ)
+
+
+def test_llama_hand_computed_values():
+    """LLaMA (h=64, f=176, V=512, s=32, 64 tokens): q, o and k, v projections, scores, SwiGLU's 3 matrices."""
+    per_token_layer = 4 * 64 * 64 + 4 * 64 * 64 + 4 * 32 * 64 + 3 * 2 * 64 * 176  # 16384 + 16384 + 8192 + 67584
+    llama = make_config("llama", 3)
+    assert layer_flops(llama, TOKENS, SEQ) == 64 * per_token_layer == 6_815_744 + 64 * (67584 - 65536)
+    assert fixed_flops(llama, TOKENS) == 64 * 2 * 512 * 64  # lm_head only, no transform
+    assert fixed_flops(make_config("roberta", 3), TOKENS) == fixed_flops(make_config("bert", 3), TOKENS)
+    gqa = LlamaConfig(**{**llama.to_dict(), "num_key_value_heads": 2})  # k, v shrink to 2 heads of 16
+    assert layer_flops(llama, 1, SEQ) - layer_flops(gqa, 1, SEQ) == 2 * 2 * 64 * (64 - 32)
+
+
+def _other(kind: str, depth: int):
+    """Tiny models of the other registered architectures (eager attention)."""
+    common = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": depth, "num_attention_heads": HEADS,
+              "max_position_embeddings": SEQ, "bos_token_id": 0, "eos_token_id": 0, "use_cache": False}
+    config = {
+        "mistral": lambda: MistralConfig(**common, intermediate_size=LLAMA_FFN, num_key_value_heads=2),
+        "qwen2": lambda: Qwen2Config(**common, intermediate_size=LLAMA_FFN, num_key_value_heads=2),
+        "opt": lambda: OPTConfig(**common, ffn_dim=FFN, word_embed_proj_dim=HIDDEN, pad_token_id=1),
+        "gpt_neox": lambda: GPTNeoXConfig(**common, intermediate_size=FFN),
+        "llama-gqa": lambda: LlamaConfig(**common, intermediate_size=LLAMA_FFN, num_key_value_heads=1),
+    }[kind]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "opt", "gpt_neox", "llama-gqa"])
+def test_registered_architectures_count_their_flops_at_a_shared_depth(kind):
+    """Every ADAPTERS entry finds its layers, and a 2-live-layer step at depth 5 costs what the formula says
+    (grouped-query attention included); Mistral and Qwen2 slice their layers by the config's depth."""
+    from apollo.growth import layer_map, shared_layers
+    from apollo.models import get_layers
+
+    model = _other(kind, 2)
+    assert len(get_layers(model)) == 2
+    ids = torch.randint(5, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        with shared_layers(model, layer_map("interpolation", 2, 5)):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert rel_err(train_flops(model.config, 5, TOKENS, SEQ), counter.get_total_flops()) < REL_TOL
+    assert model.config.num_hidden_layers == 2 and len(getattr(model.config, "layer_types", None) or [0, 0]) == 2
+

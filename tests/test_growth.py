@@ -3,7 +3,7 @@ import torch
 
 from apollo.config import TrainConfig
 from apollo.growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
-from apollo.models import RESIDUAL_OUTPUTS, build_model, get_layers
+from apollo.models import ADAPTERS, build_model, get_layers
 from apollo.train import make_optimizer
 from tests.conftest import tiny_model_config
 
@@ -134,7 +134,7 @@ def test_zeroed_growth_changes_exactly_the_repeat_copies_residual_outputs(arch):
     _perturb(model)
     old = [layer.state_dict() for layer in get_layers(model)]
     source = expand_layers(model, 6, "interpolation", "zeroed")
-    outputs = RESIDUAL_OUTPUTS[model.config.model_type]
+    outputs = ADAPTERS[model.config.model_type].residual_outputs
     for j, i in enumerate(source):
         repeat = i in source[:j]
         for k, v in get_layers(model)[j].state_dict().items():
