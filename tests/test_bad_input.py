@@ -122,6 +122,10 @@ CASES = [
     Case("mlm-probability", ("--mlm-probability", "1.5"), "--mlm-probability must be in (0, 1)"),
     Case("checkpoint-every", ("--checkpoint-every", "-1"), "--checkpoint-every must be >= 0"),
     Case("keep-checkpoints", ("--keep-checkpoints", "-2"), "--keep-checkpoints must be >= 0"),
+    Case("unknown-precision", ("--precision", "fp8"), "unknown precision 'fp8'"),
+    Case("unknown-device", ("--device", "tpu"), "unknown device 'tpu'"),
+    Case("global-batch-not-multiple", ("--global-batch", "20"), "--global-batch 20 is not a multiple of --batch-size"),
+    Case("unknown-arch", ("--arch", "t5"), "arch"),
     Case("gpt-vocab", ("--preset", "gpt-tiny", "--vocab", "100"), "vocab >= 257"),
     # data files
     Case("data-missing", ("--data", "/nonexistent/corpus.txt"), "data file not found: /nonexistent/corpus.txt"),
