@@ -11,7 +11,7 @@ from .config import ApolloError, MethodConfig, RunConfig, check, save_yaml
 from .data import load_lm_data
 from .methods import FROM_SMALL, METHODS, resolve_method
 from .report import report_dir
-from .train import prepare_run, train
+from .train import prepare_run_dir, train
 
 
 def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_hidden: int = 0,
@@ -59,7 +59,7 @@ def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_h
         data_cfg = dataclasses.replace(cfg.data, tokenizer=small_dir(m.small_model))
     data = load_lm_data(data_cfg, cfg.model, cfg.train.seed)
     d = distributed.setup(cfg.train.device)  # under torchrun, rank 0 alone writes the shared folder and report
-    prepare_run(out, overwrite, d)
+    prepare_run_dir(out, overwrite, d)
     if d.main:
         save_yaml(cfg, out / "config.yaml")
     distributed.barrier(d)

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .bert2bert import WidthMap
 from .growth import stacking_map
-from .models import get_layers, layer_path, lm_loss, width_axes, width_key
+from .models import LMLoss, get_layers, layer_path, width_axes, width_key
 
 
 def _slot(key: str) -> str:
@@ -98,21 +98,10 @@ class LiGO(nn.Module):
         return counter.get_total_flops()
 
 
-class _Loss(nn.Module):
-    """The LM loss as a module, so ``functional_call`` can swap in the materialised weights."""
-
-    def __init__(self, model: nn.Module, mlm: bool):
-        super().__init__()
-        self.model, self.mlm = model, mlm
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss(self.model, batch, self.mlm)
-
-
 def operator_loss(op: LiGO, model: nn.Module, batch: dict[str, torch.Tensor], mlm: bool) -> torch.Tensor:
     """The LM loss of ``model`` run with the operator's materialised weights."""
     params = {"model." + k: v for k, v in op.materialize().items()}
-    return functional_call(_Loss(model, mlm), params, (batch,))
+    return functional_call(LMLoss(model, mlm), params, (batch,))
 
 
 def merge(op: LiGO, model: nn.Module) -> None:

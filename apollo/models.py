@@ -271,3 +271,15 @@ def lm_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], mlm: bool) -
     keep = labels != -100
     logits = model.get_submodule(model_adapter(model).head)(hidden[keep])
     return F.cross_entropy(logits, labels[keep], reduction="sum") / keep.sum().clamp(min=1)
+
+
+class LMLoss(nn.Module):
+    """``lm_loss`` as a module's forward: DistributedDataParallel must see each forward pass, and LiGO's
+    ``functional_call`` swaps weights in by parameter name (``model.*``)."""
+
+    def __init__(self, model: nn.Module, mlm: bool):
+        super().__init__()
+        self.model, self.mlm = model, mlm
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return lm_loss(self.model, batch, self.mlm)

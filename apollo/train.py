@@ -34,7 +34,7 @@ from .flops import train_flops
 from .growth import grow, layer_map, shared_layers
 from .ligo import LiGO, merge, operator_loss
 from .methods import resolve_method
-from .models import build_model, get_layers, lm_loss
+from .models import LMLoss, build_model, get_layers, lm_loss
 from .sampling import DepthSampler
 from .schedule import resolve_schedule
 
@@ -86,15 +86,12 @@ def total_steps(t: TrainConfig, seq_len: int, steps_per_epoch: int, world: int =
     return max(1, round(t.epochs * steps_per_epoch / accum))
 
 
-class LMLoss(nn.Module):
-    """The LM loss as a module's forward, so DistributedDataParallel sees each micro-batch's forward pass."""
-
-    def __init__(self, model: nn.Module, mlm: bool):
-        super().__init__()
-        self.model, self.mlm = model, mlm
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss(self.model, batch, self.mlm)
+def check_all_used(growth: str, n_live: int, depth: int) -> None:
+    """Every live layer must run at every depth the sampler can draw (N_s..L): DDP would wait forever for the
+    gradient of an unused one. True of both layer maps (tests/test_properties.py); checked at each stage."""
+    for d in range(n_live, depth + 1):
+        if set(layer_map(growth, n_live, d)) != set(range(n_live)):
+            raise ApolloError(f"depth {d} leaves live layers unused under {growth} growth")
 
 
 def compile_layers(model: nn.Module) -> None:
@@ -121,34 +118,30 @@ def evaluate(model: nn.Module, batches: list[dict], positions: list[int], mlm: b
     return total / max(1, count)
 
 
-def prepare_run_dir(out: Path, overwrite: bool, apply: bool = True) -> None:
+def prepare_run_dir(out: Path, overwrite: bool, d: distributed.Dist | None = None) -> None:
     """Refuse to write into an earlier run unless asked to; never delete anything but that run's files.
-    Every rank runs the checks (so all fail alike); only ``apply`` (rank 0) deletes and creates."""
+    Under torchrun every rank checks the folder as it found it (so all fail alike), then rank 0 changes it."""
     if out.exists() and not out.is_dir():
         raise ApolloError(f"run directory {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
+    occupied = out.exists() and any(out.iterdir())
+    if occupied:
         if not overwrite:
             raise ApolloError(f"run directory {out} already exists (use --overwrite to replace it)")
         if not (out / "config.yaml").exists():
             raise ApolloError(f"refusing to overwrite {out}: it does not look like an apollo run directory")
-        if apply:
-            shutil.rmtree(out)
-    if apply:
-        out.mkdir(parents=True, exist_ok=True)
+    if d is not None:
+        distributed.barrier(d)
+        if not d.main:
+            return
+    if occupied:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def predicted_tokens(batch: dict[str, torch.Tensor], mlm: bool) -> int:
     """Positions with a target: the masked ones for MLM; every position after the first for a causal LM."""
     labels = batch["labels"] if mlm else batch["labels"][:, 1:]
     return int((labels != -100).sum())
-
-
-def prepare_run(out: Path, overwrite: bool, d: distributed.Dist) -> None:
-    """``prepare_run_dir`` for every rank: all check the folder as they found it, then rank 0 changes it."""
-    prepare_run_dir(out, overwrite, apply=False)
-    distributed.barrier(d)
-    if d.main:
-        prepare_run_dir(out, overwrite)
 
 
 def head_tokens(batch: dict[str, torch.Tensor], mlm: bool) -> int:
@@ -247,11 +240,11 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
         data = load_lm_data(data_cfg, m, t.seed)
     if small is not None:
         check_tokenizer(data.tokenizer, method.small_model)
-    if ckpt is not None and checkpoint.fingerprint(data.train) != ckpt.state["data_fingerprint"] \
-            and not allow_config_change:
+    data_fingerprint = checkpoint.fingerprint(data.train)  # once: checked here, stored in every checkpoint
+    if ckpt is not None and data_fingerprint != ckpt.state["data_fingerprint"] and not allow_config_change:
         raise ApolloError(f"--resume {out}: the training data differs from the checkpoint's "
                           "(pass --allow-config-change to resume anyway)")
-    distributed.check_same(d, int(checkpoint.fingerprint(data.train)[:15], 16), "the packed training data")
+    distributed.check_same(d, int(data_fingerprint[:15], 16), "the packed training data")
     if t.threads:
         torch.set_num_threads(t.threads)
     # The global micro-batch: what one process with batch_size x world would read; rank r takes the r-th slice.
@@ -265,7 +258,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     cfg = dataclasses.replace(cfg, method=method)
     sampler = DepthSampler(method.sampler, m.layers, t.seed)
     if ckpt is None:
-        prepare_run(out, overwrite, d)
+        prepare_run_dir(out, overwrite, d)
         if method.method == "bert2bert":
             model = bert2bert(small, m, method.width_init, method.new_layers, t.seed)
         else:
@@ -305,7 +298,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
         else:
             write({"event": "resume", "step": first, "checkpoint": ckpt.path.name, "config_changes": changes})
             say(f"[{method.method}] resumed {out} at step {first} from {ckpt.path.name}"
-                      + (f"; config changes: {'; '.join(changes)}" if changes else ""))
+                + (f"; config changes: {'; '.join(changes)}" if changes else ""))
         if method.method == "ligo" and ckpt is None:
             train_operator(LiGO(small, model, width_map(small.config, model.config, t.seed)), model, batches, method,
                            t, data.mlm, state, write)
@@ -322,6 +315,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
         if t.compile:
             compile_layers(model)
         wrapped = distributed.wrap(LMLoss(model, data.mlm), d)
+        check_all_used(method.growth, len(get_layers(model)), m.layers)
         for step in range(first, steps):
             start = time.perf_counter()
             if schedule.stage_at(step) != stage:
@@ -337,13 +331,14 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 if t.compile:
                     compile_layers(model)
                 wrapped = distributed.wrap(LMLoss(model, data.mlm), d)  # DDP over the new parameters, every rank
+                check_all_used(method.growth, schedule.stages[stage], m.layers)
                 if t.check_ranks:
                     distributed.check_same(d, distributed.weights_digest(model), f"the weights grown at step {step}")
                 if on_grow:
                     on_grow("after", step, model, layer_map(method.growth, schedule.stages[stage], m.layers))
                 say(f"[{method.method}] step {step}: grew {n_old} -> {schedule.stages[stage]} live layers "
-                          f"({method.growth}, moments {method.moments}, {method.new_layers}); optimizer "
-                          f"{'and DDP ' if d.active else ''}rebuilt")
+                    f"({method.growth}, moments {method.moments}, {method.new_layers}); optimizer "
+                    f"{'and DDP ' if d.active else ''}rebuilt")
             n_live = schedule.stages[stage]
             lr = lr_at(step, steps, t) * schedule.rewarm(step, rewarm_steps)
             for group in optimizer.param_groups:
@@ -356,11 +351,8 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 full = batches.batch(step * accum + micro)
                 batch = {k: v[d.rank * t.batch_size:(d.rank + 1) * t.batch_size].to(d.device) for k, v in full.items()}
                 last = micro == accum - 1
-                positions = layer_map(method.growth, n_live, depth)
-                if d.active and len(set(positions)) != n_live:  # an unused live layer would hang DDP's all-reduce
-                    raise ApolloError(f"depth {depth} leaves live layers unused under {method.growth}")
                 with wrapped.no_sync() if d.active and not last else contextlib.nullcontext():
-                    with shared_layers(model, positions), autocast():
+                    with shared_layers(model, layer_map(method.growth, n_live, depth)), autocast():
                         loss = wrapped(batch)
                     head = head_tokens(batch, data.mlm)
                     if d.active:  # weight by this rank's share of predicted tokens: the gradient of the global mean
@@ -406,7 +398,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 log.flush()
                 run_state = {"stage": stage, "live_layers": n_live, "counters": dict(state),
                              "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
-                             "data_fingerprint": checkpoint.fingerprint(data.train), "world": d.world}
+                             "data_fingerprint": data_fingerprint, "world": d.world}
                 path, size, seconds = checkpoint.save(out, step + 1, model, optimizer, run_state, cfg, data.tokenizer,
                                                       t.keep_checkpoints)
                 write({"event": "checkpoint", "step": step + 1, "path": str(path.relative_to(out)), "bytes": size,

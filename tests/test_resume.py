@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import apollo.checkpoint
+import apollo.models
 import apollo.train
 from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, TrainConfig
 from apollo.train import train
@@ -108,7 +109,7 @@ def tiny(tmp_path, name="run", **train_kw) -> RunConfig:
 def _nan_at(monkeypatch, bad_steps: set[int]):
     """Make the training loss NaN at the given steps (one micro-batch per step; validation passes are left alone)."""
     calls = {"n": 0}
-    lm_loss = apollo.train.lm_loss
+    lm_loss = apollo.models.lm_loss  # what the training loop's LMLoss module calls
 
     def patched(model, batch, mlm):
         loss = lm_loss(model, batch, mlm)
@@ -117,7 +118,7 @@ def _nan_at(monkeypatch, bad_steps: set[int]):
         calls["n"] += 1
         return loss * float("nan") if calls["n"] - 1 in bad_steps else loss
 
-    monkeypatch.setattr(apollo.train, "lm_loss", patched)
+    monkeypatch.setattr(apollo.models, "lm_loss", patched)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
