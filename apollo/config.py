@@ -76,7 +76,11 @@ class TrainConfig:
     beta2: float = _f(0.999, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     warmup: float = _f(0.025, "linear warmup, as a fraction of the run")
-    min_lr_ratio: float = _f(0.1, "cosine decays to lr * min_lr_ratio")
+    min_lr_ratio: float = _f(0.1, "the schedule decays to lr * min_lr_ratio")
+    lr_schedule: str = _f("cosine", "cosine | wsd (warmup, constant, then decay over the last --decay-fraction) | "
+                                    "linear (decay over the whole run after warmup)")
+    decay_fraction: float = _f(0.2, "wsd: the final fraction of the run over which the LR decays")
+    decay_shape: str = _f("linear", "wsd: linear | 1-sqrt decay")
     clip: float = _f(1.0, "max gradient norm (0 = off)")
     eval_every: int = _f(50, "steps between validation passes at full depth")
     eval_blocks: int = _f(200, "validation blocks per pass (0 = all)")
@@ -308,6 +312,12 @@ def check(cfg: RunConfig) -> None:
         raise ApolloError(f"--dropout must be in [0, 1), got {m.dropout}")
     if not 0 <= t.warmup < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise ApolloError("--warmup must be in [0, 1) and --min-lr-ratio in [0, 1]")
+    if t.lr_schedule not in ("cosine", "wsd", "linear"):
+        raise ApolloError(f"unknown --lr-schedule {t.lr_schedule!r} (choose from cosine, wsd, linear)")
+    if t.decay_shape not in ("linear", "1-sqrt"):
+        raise ApolloError(f"unknown --decay-shape {t.decay_shape!r} (choose from linear, 1-sqrt)")
+    if not 0 < t.decay_fraction <= 1 - t.warmup:
+        raise ApolloError(f"--decay-fraction must be in (0, 1 - warmup], got {t.decay_fraction}")
     if not 0 < d.valid_fraction < 1:
         raise ApolloError(f"--valid-fraction must be in (0, 1), got {d.valid_fraction}")
     if not 0 < d.mlm_probability < 1:

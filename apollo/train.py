@@ -33,6 +33,7 @@ from .data import Batches, LMData, load_lm_data, valid_batches
 from .flops import train_flops
 from .growth import grow, layer_map, shared_layers
 from .ligo import LiGO, merge, operator_loss
+from .lr_schedule import lr_at
 from .methods import resolve_method
 from .models import LMLoss, build_model, get_layers, lm_loss
 from .sampling import DepthSampler
@@ -49,19 +50,6 @@ def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
-
-
-def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
-    """Linear warmup then cosine decay to ``lr * min_lr_ratio``, over the whole run (never restarted).
-
-    A plain function of the step, not a scheduler object: the optimizer is rebuilt at every growth, and
-    a scheduler bound to the old one would have to be rebuilt and fast-forwarded with it.
-    """
-    warmup = max(1, round(t.warmup * total_steps))
-    if step < warmup:
-        return t.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def grad_accum(t: TrainConfig, world: int = 1) -> int:
@@ -99,6 +87,19 @@ def compile_layers(model: nn.Module) -> None:
     for layer in get_layers(model):
         layer._compiled_call_impl = None  # a deep copy carries its source's compiled call; compile this module
         layer.compile()
+
+
+@torch.no_grad()
+def layer_grad_norms(model: nn.Module) -> list[float]:
+    """The gradient norm of each live layer, before clipping, in layer order.
+
+    A live weight that runs at k positions of a shared pass receives the sum of k gradients, so these show where
+    a growth method's gradient spikes come from (0.0 for a layer with no gradient)."""
+    norms = []
+    for layer in get_layers(model):
+        grads = [p.grad.detach().norm() for p in layer.parameters() if p.grad is not None]
+        norms.append(round(float(torch.stack(grads).norm()), 5) if grads else 0.0)
+    return norms
 
 
 @torch.no_grad()
@@ -366,7 +367,8 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 depths.append(depth)
                 state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len, int(head))
             loss = loss_sum / accum
-            # The total norm is logged for every run (growth diagnostics); max_norm=inf only measures it.
+            # Norms are logged for every run (growth diagnostics); max_norm=inf only measures the total.
+            layer_norms = layer_grad_norms(model)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip or math.inf))
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
@@ -383,7 +385,8 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             state["wall_s"] += elapsed
             state["tokens"] += tokens_per_micro * accum
             write({"event": "step", "step": step, "stage": stage, "live_layers": n_live, "depth": depths,
-                   "loss": loss, "grad_norm": round(grad_norm, 5), "lr": lr, "tokens": state["tokens"],
+                   "loss": loss, "grad_norm": round(grad_norm, 5), "layer_grad_norm": layer_norms, "lr": lr,
+                   "tokens": state["tokens"],
                    "flops": state["flops"], "wall_s": round(state["wall_s"], 4),
                    **({} if finite else {"skipped": True})})
             if d.main and ((step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps):

@@ -33,6 +33,7 @@ from apollo.config import (
     ApolloError,
     DataConfig,
     MethodConfig,
+    ModelConfig,
     RunConfig,
     config_changes,
     default_ffn,
@@ -81,13 +82,18 @@ VARIANTS = {
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
 
+def sized(cfg: RunConfig, hidden: int) -> ModelConfig:
+    """The preset's model at another width (0 = the preset's): ffn 4x (LLaMA 8/3x), heads hidden / 32."""
+    m = cfg.model
+    if hidden:
+        m = dataclasses.replace(m, hidden=hidden, ffn=default_ffn(m.arch, hidden), heads=max(1, hidden // 32))
+    return m
+
+
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The shared configuration of every run: the preset, with the benchmark's overrides."""
     cfg = preset(args.preset)
-    m = cfg.model
-    if args.hidden:
-        m = dataclasses.replace(m, hidden=args.hidden, ffn=default_ffn(m.arch, args.hidden),
-                                heads=max(1, args.hidden // 32))
+    m = sized(cfg, args.hidden)
     t = dataclasses.replace(cfg.train, tokens=args.tokens, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
                             seed=args.seed, threads=args.threads, progress=not args.no_progress,
                             **({"lr": args.lr} if args.lr else {}))

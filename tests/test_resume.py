@@ -242,3 +242,19 @@ def test_no_code_execution_paths_in_the_package():
                 assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
                            for k in node.keywords), path
     assert torch_loads == 1  # checkpoint._torch_load
+
+
+def test_wsd_schedule_resumes_bit_identical_and_is_part_of_the_resume_check(tmp_path):
+    args = ["train", "--preset", "bert-tiny", "--method", "apollo", *TINY, *STAGES, "--lr-schedule", "wsd",
+            "--decay-fraction", "0.5", "--decay-shape", "1-sqrt"]  # decay over steps 9..17
+    assert cli(*args, "--out", str(tmp_path / "ref")).returncode == 0
+    run = tmp_path / "run"
+    assert cli(*args, "--out", str(run), killer=["step", "14"]).returncode == -9  # resumes from 12, in the decay
+    r = cli("train", "--resume", str(run), "--lr-schedule", "cosine")
+    assert r.returncode == 2 and "train.lr_schedule: 'wsd' -> 'cosine'" in r.stderr, r.stderr
+    assert cli("train", "--resume", str(run)).returncode == 0
+    a, b = weights(tmp_path / "ref"), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert step_records(run) == step_records(tmp_path / "ref")
+    lrs = [r["lr"] for r in step_records(run) if r["event"] == "step"]
+    assert lrs[9:11] == pytest.approx([lrs[8] * (1 - 0.9 * (1 / 9) ** 0.5), lrs[8] * (1 - 0.9 * (2 / 9) ** 0.5)])
