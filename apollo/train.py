@@ -189,6 +189,7 @@ def train_operator(op: LiGO, model: nn.Module, batches: Batches, method: MethodC
 
 
 GrowHook = Callable[[str, int, nn.Module, list[int]], None]
+StepHook = Callable[[int, nn.Module], None]
 
 
 def _resume_point(cfg: RunConfig, allow_config_change: bool) -> tuple[checkpoint.Checkpoint, list[str]]:
@@ -212,13 +213,15 @@ def _reopen_log(path: Path, offset: int) -> None:
 
 
 def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, on_grow: GrowHook | None = None,
-          resume: bool = False, allow_config_change: bool = False) -> dict:
+          resume: bool = False, allow_config_change: bool = False, on_backward: StepHook | None = None) -> dict:
     """Train one run into ``cfg.out``; returns the run summary (also written to summary.json).
 
     ``resume``: continue ``cfg.out`` from its latest checkpoint; the result is bit-identical to an uninterrupted
     run (same thread count). ``on_grow(when, step, model, positions)``, if given, is called with ``when="before"``
     just before and ``"after"`` just after each growth, ``positions`` being the full-depth layer map at that moment
     (used by the stability study to measure the model on both sides of an expansion; it must not change the model).
+    ``on_backward(step, model)``, if given, is called once the step's gradients are complete, before clipping
+    (the spike probe reads them there; it must not change the model or its gradients).
     """
     check(cfg)
     m, t = cfg.model, cfg.train
@@ -368,6 +371,8 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len, int(head))
             loss = loss_sum / accum
             # Norms are logged for every run (growth diagnostics); max_norm=inf only measures the total.
+            if on_backward:
+                on_backward(step, model)
             layer_norms = layer_grad_norms(model)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip or math.inf))
             finite = math.isfinite(loss) and math.isfinite(grad_norm)

@@ -116,7 +116,7 @@ def grid(args: argparse.Namespace, out: Path, method: str) -> list[Setting]:
     an edge by seed 0's results (the same rule for every method)."""
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.from_screen:
-        ranked = ranked_settings(Path(args.from_screen), method)
+        ranked = ranked_settings(Path(args.from_screen), args.settings_of or method)
         return [Setting(method, lr, sched, seed) for lr, sched, _ in ranked[:args.top] for seed in seeds]
     settings = []
     for sched in args.schedules.split(","):
@@ -249,6 +249,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--from-screen", default="", help="run each method's --top best settings of this tune folder")
     ap.add_argument("--top", type=int, default=2)
+    ap.add_argument("--settings-of", default="",
+                    help="with --from-screen: take this method's best settings (a named fix run at the settings "
+                         "chosen for the method it modifies)")
     ap.add_argument("--small-model", default="", help="trained smaller run for bert2bert / ligo")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-blocks", type=int, default=128)
