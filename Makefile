@@ -12,9 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# Scratch vs StackBERT vs Apollo on the embedded synthetic corpus (a few minutes on 2 CPU cores).
+# Scratch vs StackBERT vs Apollo vs apollo-plus on the embedded synthetic corpus (about 10 minutes on 2 CPU cores).
 demo: setup
-	$(VENV)/bin/apollo compare --preset gpt-tiny --methods scratch,stackbert,apollo \
+	$(VENV)/bin/apollo compare --preset gpt-tiny --methods scratch,stackbert,apollo,apollo-plus \
 		--tokens $(DEMO_TOKENS) --eval-every 20 --eval-blocks 100 --out runs/demo --overwrite
 
 test: setup
