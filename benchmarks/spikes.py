@@ -1,11 +1,12 @@
 """Gradient-norm spikes of growth runs, per stage, against Scratch's largest norm at the same setting.
 
 Reads the step records (``grad_norm``, ``layer_grad_norm``, ``depth``, ``live_layers``) of every run in a
-``tune.py`` folder (``OUT/METHOD/lr{LR}-{SCHEDULE}-s{SEED}``) or of the run folders given. For each run and stage:
-the largest total gradient norm (before clipping), how many steps exceed 10x Scratch's largest norm of the whole
-run at the same LR / schedule / seed, and for the largest spike its step, drawn depth and the live layer with the
-largest norm together with the share of the total norm that the layers carry (the rest is embeddings, final norm
-and head). Writes ``spikes.md`` / ``spikes.json`` and ``grad_norm.png`` (Scratch vs each method at one setting).
+``tune.py`` folder (``OUT/METHOD/lr{LR}-{SCHEDULE}-s{SEED}``). For each run and stage: the largest total gradient
+norm (before clipping), how many steps exceed 10x Scratch's largest norm at the same LR / schedule / seed (after
+Scratch's first 10% of steps: its early transient is not a growth effect), and for the largest spike its step,
+drawn depth, the live layer with the largest norm and the share of the total norm that the layers carry (the rest
+is embeddings, final norm and head). Writes ``spikes.md`` / ``spikes.json`` and ``grad_norm.png`` (every method
+at one setting).
 
     python benchmarks/spikes.py benchmarks/results/tune/gpt-h128-0.5M --plot-setting lr0.001-cosine-s0
 """
@@ -52,7 +53,8 @@ def main() -> None:
     out = Path(args.out or root)
     runs = sorted(p.parent for p in root.glob("*/*/summary.json"))
     steps = {r: read_events(r, "step") for r in runs}
-    scratch_max = {r.name: max(s["grad_norm"] for s in steps[r]) for r in runs if r.parent.name == "scratch"}
+    scratch_max = {r.name: max(s["grad_norm"] for s in steps[r][len(steps[r]) // 10:]) for r in runs
+                   if r.parent.name == "scratch"}
     table, lines = [], ["| method | setting | Scratch max | stage (live layers) | max grad norm | × Scratch max | "
                         f"steps > {FACTOR}× | spike step (depth) | top layer | layers' share of the norm |",
                         "|---|---|---|---|---|---|---|---|---|---|"]

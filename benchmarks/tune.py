@@ -180,7 +180,7 @@ def report(out: Path, title: str) -> str:
         t = targets.get(r["seed"])
         r["flops_saving"], r["wall_saving"] = (saving(r["run"], t["final_val_loss"], t["flops"], t["wall_s"])
                                                if t else (None, None))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "scratch", m))  # Scratch first
     lines = [f"# {title}", "", f"Best Scratch: lr {best_scratch[0]:g}, {best_scratch[1]} (mean final val loss "
              f"{best_scratch[2]:.4f}). Savings are FLOPs (and training seconds) to reach that run's final validation "
              "loss, same seed, against its total: `1 - F_method / F_scratch`.", "",
