@@ -152,6 +152,9 @@ def test_rewarm_and_grad_norm_are_logged(tmp_path):
         factor = 1.0 if s["step"] < 4 or since >= 4 else (since + 1) / 4
         assert s["lr"] == pytest.approx(lr_at(s["step"], 40, cfg.train) * factor)
         assert s["grad_norm"] > 0
+        # one norm per live layer; together they are part of the total (embeddings and head carry the rest)
+        assert len(s["layer_grad_norm"]) == s["live_layers"] and all(x > 0 for x in s["layer_grad_norm"])
+        assert sum(x * x for x in s["layer_grad_norm"]) ** 0.5 < s["grad_norm"]
 
 
 def test_bert2bert_and_ligo_grow_from_a_small_run_trained_by_compare(tmp_path, arch):
@@ -190,3 +193,17 @@ def test_function_preserving_bert2bert_starts_at_the_small_models_loss(tmp_path,
     assert start["val_loss"] == pytest.approx(records(tmp_path / f"{arch}-scratch", "eval")[-1]["val_loss"], abs=1e-4)
     with pytest.raises(ApolloError, match="already exists"):
         train(cfg)
+
+
+def test_on_backward_sees_each_steps_gradients_before_clipping(tmp_path):
+    seen = []
+
+    def hook(step, model):
+        norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+        seen.append((step, float(torch.stack(norms).norm())))
+
+    cfg = tiny_run(tmp_path, "gpt2", method="scratch", steps=4, clip=1e-3)  # clipping would shrink the norm a lot
+    train(cfg, on_backward=hook)
+    logged = [(s["step"], s["grad_norm"]) for s in records(tmp_path / "gpt2-scratch", "step")]
+    assert [s for s, _ in seen] == [s for s, _ in logged] == [0, 1, 2, 3]
+    assert [n for _, n in seen] == pytest.approx([n for _, n in logged], rel=1e-4)  # the unclipped total norm
