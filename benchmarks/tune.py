@@ -157,7 +157,7 @@ def saving(run: Path, target: float, scratch_flops: float, scratch_wall: float) 
 
 
 def pct(x: float | None) -> str:
-    return "never" if x is None else f"{100 * x:.1f}%"
+    return "never" if x is None else f"{100 * x:.1f}%".replace("-0.0%", "0.0%")
 
 
 def mean_std(xs: list[float | None]) -> str:
@@ -201,6 +201,15 @@ def report(out: Path, title: str) -> str:
         best_rows.append({"method": m, "lr": lr, "schedule": sched, "mean_final_val_loss": loss,
                           "seeds": [r["seed"] for r in mine], "flops_saving": [r["flops_saving"] for r in mine],
                           "wall_saving": [r["wall_saving"] for r in mine]})
+    lrs = sorted({r["lr"] for r in rows})
+    lines += ["", "## Final validation loss by learning rate (seed 0; * = the method's best)", "",
+              "| method | schedule | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
+    for m in methods:
+        best = ranked_settings(out, m)[0][:2]
+        for sched in sorted({r["schedule"] for r in rows if r["method"] == m}):
+            cell = {r["lr"]: f"{r['final_val_loss']:.3f}" + ("*" if (r["lr"], sched) == best else "")
+                    for r in rows if r["method"] == m and r["schedule"] == sched and r["seed"] == 0}
+            lines.append(f"| {m} | {sched} | " + " | ".join(cell.get(lr, "–") for lr in lrs) + " |")
     lines += ["", "## The whole grid (final validation loss; FLOPs saving against the best Scratch)", "",
               "| method | lr | schedule | seed | final val loss | total TFLOPs | FLOPs saving |",
               "|---|---|---|---|---|---|---|"]
