@@ -8,7 +8,9 @@ drawn depth, the live layer with the largest norm and the share of the total nor
 is embeddings, final norm and head). Writes ``spikes.md`` / ``spikes.json`` and ``grad_norm.png`` (every method
 at one setting).
 
-    python benchmarks/spikes.py benchmarks/results/tune/gpt-h128-0.5M --plot-setting lr0.001-cosine-s0
+    python benchmarks/spikes.py benchmarks/results/tune/gpt-h128-0.5M --plot-setting lr0.002-wsd-s0
+    python benchmarks/spikes.py benchmarks/results/spikes --out benchmarks/results/spikes \
+        --plot-runs benchmarks/results/demo/{scratch,stackbert,apollo,apollo-plus}
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("tune_dir")
     ap.add_argument("--plot-setting", default="", help="the run name whose curves grad_norm.png shows")
     ap.add_argument("--out", default="", help="default: the tune folder")
+    ap.add_argument("--plot-runs", nargs="*", default=[], help="plot these run folders instead (e.g. the demo's)")
     args = ap.parse_args()
     root = Path(args.tune_dir)
     out = Path(args.out or root)
@@ -72,16 +75,16 @@ def main() -> None:
     (out / "spikes.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
     (out / "spikes.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
-    if args.plot_setting:
+    if args.plot_setting or args.plot_runs:
         fig, ax = plt.subplots(figsize=(9, 4))
-        for r in runs:
-            if r.name == args.plot_setting:
-                ax.plot([s["step"] for s in steps[r]], [s["grad_norm"] for s in steps[r]], lw=0.8,
-                        label=r.parent.name)
+        chosen = ([(Path(d).name, read_events(Path(d), "step")) for d in args.plot_runs] if args.plot_runs else
+                  [(r.parent.name, steps[r]) for r in runs if r.name == args.plot_setting])
+        for label, records in chosen:
+            ax.plot([s["step"] for s in records], [s["grad_norm"] for s in records], lw=0.8, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("total gradient norm (before clipping)")
-        ax.set_title(f"gradient norm, {args.plot_setting}", fontsize=9)
+        ax.set_title(f"gradient norm, {args.plot_setting or ', '.join(args.plot_runs)}", fontsize=7)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
