@@ -123,6 +123,8 @@ class RunConfig:
 
 SECTIONS = ("model", "method", "train", "data")
 PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "wsd", "linear")  # apollo.lr_schedule.lr_at
+DECAY_SHAPES = ("linear", "1-sqrt")
 
 
 def default_ffn(arch: str, hidden: int) -> int:
@@ -312,10 +314,10 @@ def check(cfg: RunConfig) -> None:
         raise ApolloError(f"--dropout must be in [0, 1), got {m.dropout}")
     if not 0 <= t.warmup < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise ApolloError("--warmup must be in [0, 1) and --min-lr-ratio in [0, 1]")
-    if t.lr_schedule not in ("cosine", "wsd", "linear"):
-        raise ApolloError(f"unknown --lr-schedule {t.lr_schedule!r} (choose from cosine, wsd, linear)")
-    if t.decay_shape not in ("linear", "1-sqrt"):
-        raise ApolloError(f"unknown --decay-shape {t.decay_shape!r} (choose from linear, 1-sqrt)")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise ApolloError(f"unknown --lr-schedule {t.lr_schedule!r} (choose from {', '.join(LR_SCHEDULES)})")
+    if t.decay_shape not in DECAY_SHAPES:
+        raise ApolloError(f"unknown --decay-shape {t.decay_shape!r} (choose from {', '.join(DECAY_SHAPES)})")
     if not 0 < t.decay_fraction <= 1 - t.warmup:
         raise ApolloError(f"--decay-fraction must be in (0, 1 - warmup], got {t.decay_fraction}")
     if not 0 < d.valid_fraction < 1:

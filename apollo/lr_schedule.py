@@ -18,9 +18,6 @@ import math
 
 from .config import TrainConfig
 
-LR_SCHEDULES = ("cosine", "wsd", "linear")
-DECAY_SHAPES = ("linear", "1-sqrt")
-
 
 def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of a ``total_steps`` run."""
