@@ -7,13 +7,22 @@ did before. The units of each space (``models.WIDTH_AXES``) are chosen as follow
 
 * FFN units and attention heads: the original units keep their place; each new one copies a randomly drawn
   existing one (heads are copied whole, so the head size must match);
+* grouped-query attention (LLaMA, Mistral, Qwen2, Qwen3 with ``num_key_value_heads`` < ``num_attention_heads``):
+  query head ``i`` reads key/value head ``i // G`` (``G`` = heads / kv heads, kept fixed). The random draw is
+  over key/value heads, and each new kv head brings its whole group of ``G`` query heads with it: target kv head
+  ``j`` copies source kv head ``k(j)`` and target query head ``j G + r`` copies source query head ``k(j) G + r``,
+  so every copied query head reads a copy of the kv head its source read. Keys and values are not summed over
+  heads, so only the output projection divides (by the query-head copy counts). Without GQA (``G`` = 1) this is
+  the plain head draw above. Rotary embeddings and Qwen3's per-head ``q_norm`` / ``k_norm`` act within a head
+  (head size fixed) and are copied unchanged;
 * hidden units of the residual stream: target unit ``i`` copies ``i mod h_small``. When the target width is a
-  multiple of the small one every unit then has the same count, so LayerNorm's mean and variance are unchanged
-  and the grown model is exactly function-preserving. Other ratios leave LayerNorm's statistics slightly
-  changed, as in the paper.
+  multiple of the small one every unit then has the same count, so LayerNorm's mean and variance (RMSNorm's
+  mean square) are unchanged and the grown model is exactly function-preserving. Other ratios leave the norms'
+  statistics slightly changed, as in the paper.
 
-The LayerNorm that feeds the tied output embedding (GPT-2's ``ln_f``, BERT's head transform) is divided by the
-copy counts too: the tied embedding must copy its columns for the input side, so the division moves there.
+The norm that feeds the output embedding (GPT-2's ``ln_f``, BERT's head transform, the LLaMA family's final
+RMSNorm) is divided by the copy counts too: a tied embedding must copy its columns for the input side, so the
+division moves there (the LLaMA layout does this whether or not the head is tied; the function is the same).
 
 AKI ("advanced knowledge initialisation", Sec. 3.2, Eq. 8): as FPI, but the new units of layer ``l`` take their
 weights from layer ``l + 1`` of the small model (the top layer keeps FPI). It breaks the symmetry between copies
@@ -31,56 +40,111 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import AutoConfig, BertForMaskedLM, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from .config import ApolloError, ModelConfig
 from .growth import expand_layers, zeroed_params
-from .models import WIDTH_AXES, adapter, build_model, get_layers, layer_path, width_axes, width_key
+from .models import (
+    ADAPTERS,
+    SIZE_FIELDS,
+    WIDTH_AXES,
+    build_model,
+    get_layers,
+    hf_config,
+    layer_path,
+    lm_class,
+    model_adapter,
+    width_axes,
+    width_key,
+)
 
 WIDTH_INITS = ("aki", "fpi")
 
 
 @dataclass(frozen=True)
 class WidthMap:
-    """Per grown space (``h``, ``a``, ``qkv``, ``f``): the source unit of every target unit, the copy count of
-    every source unit, and which target units are new (not the original unit in its own place)."""
+    """Per grown space (``h`` hidden, ``a`` query / attention heads, ``kv`` key/value heads, ``qkv`` GPT-2's
+    fused q|k|v, ``f`` FFN): the source unit of every target unit, the copy count of every source unit, and which
+    target units are new (not the original unit in its own place)."""
 
     index: dict[str, torch.Tensor]
     counts: dict[str, torch.Tensor]
     new: dict[str, torch.Tensor]
 
 
-def dims(config) -> tuple[int, int, int]:
-    """(hidden, heads, ffn) of a BERT or GPT-2 config."""
-    ffn = getattr(config, adapter(config.model_type).ffn_field, None) or 4 * config.hidden_size
-    return config.hidden_size, config.num_attention_heads, ffn
+class Dims(NamedTuple):
+    """The widths of a config that width growth changes (head size fixed)."""
+
+    hidden: int
+    heads: int
+    ffn: int
+    head_dim: int
+    kv_heads: int  # = heads without grouped-query attention
+
+    def describe(self) -> str:
+        kv = f" ({self.kv_heads} key/value)" if self.kv_heads != self.heads else ""
+        return f"hidden {self.hidden}, {self.heads} heads{kv} of size {self.head_dim}, ffn {self.ffn}"
+
+
+def dims(config) -> Dims:
+    """The widths of a BERT, GPT-2 or LLaMA-family config (``num_key_value_heads``, ``head_dim`` when set)."""
+    h, n = config.hidden_size, config.num_attention_heads
+    registered = ADAPTERS.get(config.model_type)
+    fields = (registered.ffn_field,) if registered else SIZE_FIELDS["ffn"]
+    ffn = next((v for f in fields if (v := getattr(config, f, None))), None) or 4 * h
+    kv = getattr(config, "num_key_value_heads", None) or n
+    return Dims(h, n, ffn, getattr(config, "head_dim", None) or h // n, kv)
 
 
 def check_width_arch(arch: str) -> None:
     """Width growth (bert2BERT, LiGO) needs a parameter layout in ``models.WIDTH_AXES``."""
     if arch not in WIDTH_AXES:
-        raise ApolloError(f"bert2bert and ligo grow width, which apollo supports for {' and '.join(WIDTH_AXES)} only, "
-                          f"not {arch}")
+        *rest, last = WIDTH_AXES
+        raise ApolloError(f"bert2bert and ligo grow width, which apollo supports for {', '.join(rest)} and {last} "
+                          f"only, not {arch}")
+
+
+def target_type(target: ModelConfig) -> str:
+    """The model type a target config builds (``--model-config``'s own, else ``--arch``)."""
+    return hf_config(target).model_type if target.model_config else target.arch
+
+
+def check_heads(s: Dims, t: Dims) -> None:
+    """Heads are copied whole and in whole key/value groups: the head size and the group size must match."""
+    if s.head_dim != t.head_dim:
+        raise ApolloError(f"head size differs: small {s.hidden}/{s.heads} heads (size {s.head_dim}), target "
+                          f"{t.hidden}/{t.heads} (size {t.head_dim}); heads are copied whole")
+    if s.heads % s.kv_heads or t.heads % t.kv_heads or s.heads // s.kv_heads != t.heads // t.kv_heads:
+        raise ApolloError(f"key/value group size differs: small {s.heads} heads / {s.kv_heads} key/value heads, "
+                          f"target {t.heads} / {t.kv_heads}; query heads are copied with their key/value head")
 
 
 def width_map(small_config, target_config, seed: int) -> WidthMap:
     """The FPI unit choice (module docstring) from a small config to a target config, seeded."""
-    (h1, n1, f1), (h2, n2, f2) = dims(small_config), dims(target_config)
-    head = h1 // n1
+    s, t = dims(small_config), dims(target_config)
+    check_heads(s, t)
+    d, group = s.head_dim, s.heads // s.kv_heads
     gen = torch.Generator().manual_seed(seed)
-    heads = torch.cat([torch.arange(n1), torch.randint(0, n1, (n2 - n1,), generator=gen)])
+    kv = torch.cat([torch.arange(s.kv_heads), torch.randint(0, s.kv_heads, (t.kv_heads - s.kv_heads,), generator=gen)])
+    heads = (kv[:, None] * group + torch.arange(group)).flatten()  # each kv head's query heads come along with it
+
+    def units(h: torch.Tensor) -> torch.Tensor:
+        return (h[:, None] * d + torch.arange(d)).flatten()
+
     index = {
-        "h": torch.arange(h2) % h1,
-        "a": (heads[:, None] * head + torch.arange(head)).flatten(),
-        "f": torch.cat([torch.arange(f1), torch.randint(0, f1, (f2 - f1,), generator=gen)]),
+        "h": torch.arange(t.hidden) % s.hidden,
+        "a": units(heads),
+        "kv": units(kv),
+        "f": torch.cat([torch.arange(s.ffn), torch.randint(0, s.ffn, (t.ffn - s.ffn,), generator=gen)]),
     }
-    index["qkv"] = torch.cat([index["a"] + k * h1 for k in range(3)])  # GPT-2's fused q|k|v
-    counts = {s: torch.bincount(g, minlength=int(g.max()) + 1).to(torch.float32) for s, g in index.items()}
-    new = {s: torch.arange(len(g)) >= n for s, g, n in (("h", index["h"], h1), ("a", index["a"], h1),
-                                                         ("f", index["f"], f1))}
+    index["qkv"] = torch.cat([index["a"] + k * s.heads * d for k in range(3)])  # GPT-2's fused q|k|v
+    counts = {n: torch.bincount(g, minlength=int(g.max()) + 1).to(torch.float32) for n, g in index.items()}
+    sizes = {"h": s.hidden, "a": s.heads * d, "kv": s.kv_heads * d, "f": s.ffn}
+    new = {n: torch.arange(len(index[n])) >= size for n, size in sizes.items()}
     new["qkv"] = new["a"].repeat(3)
     return WidthMap(index, counts, new)
 
@@ -140,16 +204,16 @@ def small_dir(run_dir: str | Path) -> str:
 
 def load_small(run_dir: str | Path, target: ModelConfig) -> PreTrainedModel:
     """The trained model of a run directory (``RUN/model`` or a model directory), checked against the target."""
-    check_width_arch(target.arch)
+    check_width_arch(target_type(target))
     path = Path(small_dir(run_dir))
     if not (path / "config.json").is_file():
         raise ApolloError(f"--small-model {run_dir}: no trained model there (expected {path}/config.json)")
     try:
         config = AutoConfig.from_pretrained(path)
-        cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel}.get(config.model_type)  # the WIDTH_AXES types
-        if cls is None:
-            raise ApolloError(f"--small-model {run_dir}: model type {config.model_type!r} (need bert or gpt2)")
-        small = cls.from_pretrained(path)
+        if config.model_type not in WIDTH_AXES:
+            raise ApolloError(f"--small-model {run_dir}: model type {config.model_type!r} (need one of "
+                              f"{', '.join(WIDTH_AXES)})")
+        small = lm_class(config).from_pretrained(path)  # AutoModelForMaskedLM / AutoModelForCausalLM
     except (OSError, ValueError) as e:
         if isinstance(e, ApolloError):
             raise
@@ -159,19 +223,23 @@ def load_small(run_dir: str | Path, target: ModelConfig) -> PreTrainedModel:
 
 
 def check_small(small, target: ModelConfig) -> None:
-    """The small model must be growable into the target: same kind, vocabulary, positions and head size."""
-    (h1, n1, f1), depth = dims(small), small.num_hidden_layers
-    if small.model_type != target.arch:
-        raise ApolloError(f"small model is {small.model_type}, the target is {target.arch}")
-    if small.vocab_size != target.vocab or small.max_position_embeddings != target.seq_len:
+    """The small model (its config) must be growable into the target: same kind, vocabulary, positions, head size
+    and key/value group size, and no dimension larger."""
+    config = hf_config(target)  # what the target builds (a --model-config target: its own type and position table)
+    s, t, depth = dims(small), dims(config), small.num_hidden_layers
+    if small.model_type != config.model_type:
+        raise ApolloError(f"small model is {small.model_type}, the target is {config.model_type}")
+    if small.vocab_size != config.vocab_size or small.max_position_embeddings != config.max_position_embeddings:
         raise ApolloError(f"small model has vocab {small.vocab_size} / {small.max_position_embeddings} positions, "
-                          f"the target {target.vocab} / {target.seq_len}; they must match")
-    if h1 // n1 != target.hidden // target.heads:
-        raise ApolloError(f"head size differs: small {h1}/{n1} heads, target {target.hidden}/{target.heads} "
-                          "(heads are copied whole)")
-    if h1 > target.hidden or f1 > target.ffn or depth > target.layers:
-        raise ApolloError(f"small model (hidden {h1}, ffn {f1}, {depth} layers) is larger than the target "
-                          f"(hidden {target.hidden}, ffn {target.ffn}, {target.layers} layers)")
+                          f"the target {config.vocab_size} / {config.max_position_embeddings}; they must match")
+    if getattr(small, "tie_word_embeddings", True) != getattr(config, "tie_word_embeddings", True):
+        tied = {True: "tied", False: "untied"}
+        raise ApolloError(f"small model's output embedding is {tied[bool(small.tie_word_embeddings)]}, the "
+                          f"target's {tied[bool(config.tie_word_embeddings)]}; they must match")
+    check_heads(s, t)
+    if s.hidden > t.hidden or s.heads > t.heads or s.ffn > t.ffn or depth > target.layers:
+        raise ApolloError(f"small model ({s.describe()}, {depth} layers) is larger than the target "
+                          f"({t.describe()}, {target.layers} layers)")
 
 
 def hand_off_layernorms(model: nn.Module, source: list[int]) -> None:
@@ -183,7 +251,7 @@ def hand_off_layernorms(model: nn.Module, source: list[int]) -> None:
     already normalised ``n`` (``LN(n) = n`` up to eps), and the last copy's output LayerNorm applies the ``g, b``
     taken from the layer below.
     """
-    names = adapter(model.config.model_type).post_ln
+    names = model_adapter(model).post_ln
     layers = get_layers(model)
     zeroed = {id(p) for p in zeroed_params(model, layers, source)}
     copies = [any(id(p) in zeroed for p in layer.parameters()) for layer in layers]
@@ -219,11 +287,18 @@ def bert2bert(small: PreTrainedModel, target: ModelConfig, init: str, new_layers
 
 
 def small_shape(target: ModelConfig, hidden: int = 0, layers: int = 0) -> ModelConfig:
-    """The default small model for a target: half the width (same head size, FFN scaled alike), same depth."""
-    check_width_arch(target.arch)
+    """The default small model for a target: half the width (same head size and key/value group size, FFN scaled
+    alike), same depth."""
+    check_width_arch(target_type(target))
     hidden = hidden or target.hidden // 2
     head = target.hidden // target.heads
     if hidden % head or hidden > target.hidden:
         raise ApolloError(f"--small-hidden {hidden} must be a multiple of the head size {head} and <= {target.hidden}")
+    if target.model_config:  # grouped-query attention: the small model's heads must fill whole key/value groups
+        t = dims(hf_config(target))
+        group = t.heads // t.kv_heads
+        if (hidden // head) % group:
+            raise ApolloError(f"--small-hidden {hidden} gives {hidden // head} heads, not a multiple of the "
+                              f"target's {group} query heads per key/value head")
     return dataclasses.replace(target, hidden=hidden, heads=hidden // head, ffn=target.ffn * hidden // target.hidden,
                                layers=layers or target.layers)

@@ -149,7 +149,16 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         if "." in dest and value is not None:
             section, name = dest.split(".")
             changes.setdefault(section, {})[name] = value
+    if changes.get("model", {}).get("model_config") and not (args.preset or args.config or resume):
+        from .models import load_hf_config, sizes_of  # the architecture's own depth and width, unless flags say
+
+        sizes = sizes_of(load_hf_config(changes["model"]["model_config"]))
+        changes["model"] = {**sizes, **changes["model"]}
     cfg = from_dict(changes, cfg)
+    if cfg.model.model_config:
+        from .models import resolve_model
+
+        cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
     if args.out:
         cfg = from_dict({"out": args.out}, cfg)
     elif args.command == "compare":

@@ -41,6 +41,9 @@ class ModelConfig:
     vocab: int = _f(4096, "vocabulary size (the tokenizer is trained to at most this)")
     seq_len: int = _f(128, "tokens per block (also the position table size)")
     dropout: float = _f(0.0, "dropout probability")
+    model_config: str = _f("", "any Hugging Face architecture: a config.json, a directory holding one, or an "
+                               "AutoConfig name; layers, hidden, heads, ffn, vocab, seq_len and dropout set its "
+                               "fields (default: the config's own sizes); --arch is then its model_type")
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,7 @@ def save_yaml(cfg: RunConfig, path: str | Path) -> None:
 def check(cfg: RunConfig) -> None:
     """Reject values no run can use, before anything is loaded or written."""
     m, t, d = cfg.model, cfg.train, cfg.data
-    if m.arch not in ARCHS:
+    if m.arch not in ARCHS and not m.model_config:
         raise ApolloError(f"unknown --arch {m.arch!r} (choose from {', '.join(ARCHS)})")
     positive = {"layers": m.layers, "hidden": m.hidden, "heads": m.heads, "ffn": m.ffn, "vocab": m.vocab,
                 "seq_len": m.seq_len, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "lr": t.lr}

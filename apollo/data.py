@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from .config import ApolloError, DataConfig, ModelConfig
-from .models import adapter
+from .models import is_masked
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 GPT2_EOS = "<|endoftext|>"
@@ -304,7 +304,7 @@ def _byte_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def masked(arch: str) -> bool:
     """Masked LM (BERT, RoBERTa: WordPiece, [CLS] ... [SEP] blocks) or causal LM (byte-level BPE, eos separators)."""
-    return adapter(arch).mlm
+    return is_masked(arch)
 
 
 def train_tokenizer(texts: list[str], arch: str, vocab_size: int) -> PreTrainedTokenizerFast:

@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging
 from . import squad
 from .config import ApolloError, load_yaml
 from .glue import GLUE_TASKS, Example, glue_metrics, hub_splits, tsv_splits
-from .models import adapter, max_tokens
+from .models import is_masked, max_tokens
 
 TASKS = (*GLUE_TASKS, *squad.SQUAD_TASKS)
 HEADLINE = {**{name: t.metrics[0] for name, t in GLUE_TASKS.items()}, "squad": "f1", "squad_v2": "f1"}
@@ -296,7 +296,7 @@ def lm_perplexity(run: Path, files: list[str]) -> float:
 
     path = model_dir(run)
     config = AutoConfig.from_pretrained(path)
-    mlm = adapter(config.model_type).mlm
+    mlm = is_masked(config.model_type)
     with _quiet():
         model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)

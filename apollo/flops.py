@@ -23,7 +23,12 @@ FLOPs per token are:
   ``head_tokens`` = the number of labelled positions there.
 
 Which of these a model type has comes from its ``models.ADAPTERS`` entry (``gated_mlp``, ``head_dense``,
-``ffn_field``); an unregistered model type is an ``ApolloError``.
+``ffn_field``). Any other architecture is measured instead (``StepFlops``): ``FlopCounterMode`` counts one
+training step (forward + backward) of a 1-layer and a 2-layer copy of the model, built on the meta device (no
+memory, no arithmetic) with eager attention, on one sequence, once per sequence length (every count is linear
+in the batch); the difference is one
+layer's cost, the rest the fixed cost, and a separable masked-LM head is counted per predicted token. That count
+is exact in FlopCounterMode's own convention, whatever the layer holds.
 
 A training step is forward + backward, backward = 2 x forward (gradients w.r.t. inputs and weights),
 so a step costs 3 x forward.
@@ -31,10 +36,15 @@ so a step costs 3 x forward.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
-from .models import adapter
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import ApolloError
+from .models import ADAPTERS, adapter, find_depth_field, is_masked, lm_class, model_adapter, set_depth
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,11 @@ class _Dims:
 
 
 def _dims(config: Any) -> _Dims:
-    a = adapter(getattr(config, "model_type", None))
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ApolloError(f"the FLOP formula knows {', '.join(ADAPTERS)}, not {model_type!r}; train_flops and "
+                          "StepFlops measure any other architecture")
+    a = adapter(model_type)
     h, heads = int(config.hidden_size), int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or h // heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -82,5 +96,74 @@ def forward_flops(config: Any, depth: int, tokens: int, seq_len: int, head_token
 
 
 def train_flops(config: Any, depth: int, tokens: int, seq_len: int, head_tokens: int | None = None) -> int:
-    """FLOPs of one training step (forward + backward = 3 x forward) executing ``depth`` layers."""
-    return 3 * forward_flops(config, depth, tokens, seq_len, head_tokens)
+    """FLOPs of one training step (forward + backward = 3 x forward) executing ``depth`` layers; measured for
+    an unregistered architecture (``StepFlops``, which a training loop keeps to measure once)."""
+    return StepFlops(config).train(depth, tokens, seq_len, head_tokens)
+
+
+def _measured_step(config: Any, depth: int, seq_len: int, head_rows: int) -> int:
+    """FlopCounterMode's count of one forward + backward of ``config``'s LM at ``depth`` layers on one sequence of
+    ``seq_len`` (every count is linear in the batch); ``head_rows`` > 0: only the backbone, plus the LM head on
+    that many rows (apollo's masked-LM loss). On the meta device, or for models whose forward reads a value
+    (``.item()``), on a real tiny copy."""
+    config = copy.deepcopy(config)
+    n = getattr(config, find_depth_field(config))
+    set_depth(config, depth, [min(i, n - 1) for i in range(depth)])
+    try:
+        return _count(config, seq_len, head_rows, torch.device("meta"))
+    except (RuntimeError, NotImplementedError):
+        return _count(config, seq_len, head_rows, torch.device("cpu"))
+
+
+def _count(config: Any, seq_len: int, head_rows: int, device: torch.device) -> int:
+    with torch.random.fork_rng(devices=[]), device:  # building a model must not move the run's random stream
+        model = lm_class(config).from_config(config, attn_implementation="eager")
+        ids = torch.full((1, seq_len), 5, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            if head_rows:
+                hidden = model.base_model(input_ids=ids).last_hidden_state
+                out = model.get_submodule(model_adapter(model).head)(hidden.reshape(-1, hidden.shape[-1])[:head_rows])
+            else:
+                out = model(input_ids=ids).logits
+            out.float().sum().backward()
+    return counter.get_total_flops()
+
+
+class StepFlops:
+    """Training-step FLOPs of one model config: the analytic formula for a registered model type, else measured
+    (module docstring) once per sequence length and kept. OPT with an embedding projection
+    (``word_embed_proj_dim`` != hidden) has matrices the formula does not hold, so it is measured too."""
+
+    def __init__(self, config: Any):
+        projected = getattr(config, "word_embed_proj_dim", None) not in (None, getattr(config, "hidden_size", None))
+        self.config = config
+        self.known = getattr(config, "model_type", None) in ADAPTERS and not projected
+        self.costs: dict[int, tuple[int, int, int]] = {}  # per sequence length, for one sequence
+        self.head = ""
+        if not self.known and is_masked(config.model_type):
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                self.head = model_adapter(lm_class(config).from_config(copy.deepcopy(config))).head
+
+    def _costs(self, tokens: int, seq_len: int) -> tuple[int, int, int]:
+        """(per layer, fixed, per head row) of a step over ``tokens`` tokens in sequences of ``seq_len``."""
+        if seq_len not in self.costs:
+            rows = min(8, seq_len // 2) if self.head else 0
+            one, two = (_measured_step(self.config, d, seq_len, rows) for d in (1, 2))
+            head = 0
+            if self.head:  # one head row: the difference between 2 x rows and rows
+                head = (_measured_step(self.config, 1, seq_len, 2 * rows) - one) // rows
+            self.costs[seq_len] = (two - one, 2 * one - two - rows * head, head)
+        layer, fixed, head = self.costs[seq_len]
+        sequences = tokens // seq_len
+        return sequences * layer, sequences * fixed, head
+
+    def train(self, depth: int, tokens: int, seq_len: int, head_tokens: int | None = None) -> int:
+        """FLOPs of one step executing ``depth`` layers; the head runs at ``head_tokens`` (default: all)."""
+        if self.known:
+            return 3 * forward_flops(self.config, depth, tokens, seq_len, head_tokens)
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        layer, fixed, head = self._costs(tokens, seq_len)
+        if not self.head:  # the whole model runs, its head at every position
+            return depth * layer + fixed
+        return depth * layer + fixed + head * (tokens if head_tokens is None else head_tokens)

@@ -3,7 +3,9 @@
 The operator maps the small model's (frozen) weights to the target's (LiGO Sec. 3, Eq. 3-6):
 
 * width: for each kind of weight (a module kind shared by all layers: ``*.attn.c_attn``, ``*.ln_1``, the word
-  embeddings, ...) one expansion matrix per grown axis, ``W' = A W B^T`` (a bias or LayerNorm vector: ``A v``);
+  embeddings, ...) one expansion matrix per grown axis, ``W' = A W B^T`` (a bias or LayerNorm vector: ``A v``).
+  The axes are ``models.WIDTH_AXES``'s, so grouped-query attention (the LLaMA family) has its own key/value
+  expansions (the ``kv`` axis of ``k_proj`` / ``v_proj``), which start as FPI's whole-group head copies;
 * depth: for each kind of layer weight, target layer ``l`` is a learned mix ``sum_j D[l, j] W_j`` of the
   small model's layers.
 

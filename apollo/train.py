@@ -30,12 +30,12 @@ from . import checkpoint, distributed
 from .bert2bert import bert2bert, load_small, small_dir, width_map
 from .config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, config_changes, save_yaml
 from .data import Batches, LMData, load_lm_data, valid_batches
-from .flops import train_flops
+from .flops import StepFlops, train_flops
 from .growth import grow, layer_map, shared_layers
 from .ligo import LiGO, merge, operator_loss
 from .lr_schedule import lr_at
 from .methods import resolve_method
-from .models import LMLoss, build_model, get_layers, lm_loss
+from .models import LMLoss, build_model, get_layers, lm_loss, resolve_model
 from .sampling import DepthSampler
 from .schedule import resolve_schedule
 
@@ -224,6 +224,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     (the spike probe reads them there; it must not change the model or its gradients).
     """
     check(cfg)
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))  # --model-config: arch = its model_type
     m, t = cfg.model, cfg.train
     method = resolve_method(cfg.method, m.layers)  # checked before any data is loaded or anything written
     out = Path(cfg.out)
@@ -319,6 +320,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
         if t.compile:
             compile_layers(model)
         wrapped = distributed.wrap(LMLoss(model, data.mlm), d)
+        step_flops = StepFlops(model.config)  # measures an unregistered architecture once, not every step
         check_all_used(method.growth, len(get_layers(model)), m.layers)
         for step in range(first, steps):
             start = time.perf_counter()
@@ -368,7 +370,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                         (loss / accum).backward()
                         loss_sum += loss.item()
                 depths.append(depth)
-                state["flops"] += train_flops(model.config, depth, tokens_per_micro, m.seq_len, int(head))
+                state["flops"] += step_flops.train(depth, tokens_per_micro, m.seq_len, int(head))
             loss = loss_sum / accum
             # Norms are logged for every run (growth diagnostics); max_norm=inf only measures the total.
             if on_backward:
