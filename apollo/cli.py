@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             if table:  # rank 0 (or the only process)
                 print(table + f"\nwrote {cfg.out}/results.md, results.csv, loss_vs_flops.png")
     except ApolloError as e:
-        _error(str(e))
-        return 2
+        _error(str(e), "apollo" if hasattr(e, "exit_code") else "apollo: error")
+        return getattr(e, "exit_code", 2)
     except OSError as e:
         _error(f"{e.strerror or e} ({e.filename or ''})")
         return 2

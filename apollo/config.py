@@ -109,6 +109,8 @@ class DataConfig:
     dataset_config: str = _f("", "e.g. wikitext-103-raw-v1")
     text_column: str = _f("text", "text column of a datasets dataset")
     valid_fraction: float = _f(0.05, "fraction of blocks held out for validation when no --valid is given")
+    allow_overlap: bool = _f(False, "accept validation text that largely repeats the training text (refused "
+                                    "otherwise: its loss would measure memorisation)")
     tokenizer: str = _f("", "a saved HF tokenizer directory; empty = train one on the training text")
     synthetic_sentences: int = _f(60000, "size of the built-in synthetic corpus")
     mlm_probability: float = _f(0.15, "masked-LM masking rate (80/10/10)")

@@ -202,8 +202,31 @@ def synthetic_corpus(n_sentences: int, seed: int = 0) -> list[str]:
 # ---- text sources ----------------------------------------------------------------------------------------------
 
 
+MAX_OVERLAP = 0.1  # WikiText-2's validation repeats 0.06% of its long lines from train
+
+
+def overlap(train: Sequence[str], valid: Sequence[str], min_chars: int = 40) -> float:
+    """Fraction of the validation text's long lines (>= ``min_chars``; headings and short lines repeat
+    naturally) that occur verbatim in the training text."""
+    seen = {line.strip() for line in train if len(line.strip()) >= min_chars}
+    long = [line.strip() for line in valid if len(line.strip()) >= min_chars]
+    return sum(line in seen for line in long) / len(long) if long else 0.0
+
+
+def check_overlap(train: Sequence[str], valid: Sequence[str], allow: bool) -> None:
+    """Refuse a validation text that mostly repeats the training text (a loss on training text is a wrong number)."""
+    share = overlap(train, valid)
+    if share > MAX_OVERLAP and not allow:
+        raise ApolloError(f"{100 * share:.0f}% of the validation text's long lines are in the training text "
+                          "(the same file twice?); pass --allow-overlap to use it anyway")
+
+
 def read_text_files(paths: Sequence[str]) -> list[str]:
-    """Non-blank lines of local UTF-8 text files, in order."""
+    """Non-blank lines of local UTF-8 text files, in order; the same file twice is refused."""
+    resolved = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p in paths if resolved.count(Path(p).resolve()) > 1})
+    if twice:
+        raise ApolloError(f"the same data file is given twice: {twice[0]}")
     lines: list[str] = []
     for path in paths:
         p = Path(path)
@@ -211,6 +234,8 @@ def read_text_files(paths: Sequence[str]) -> list[str]:
             raise ApolloError(f"data file not found: {path}")
         if p.is_dir():
             raise ApolloError(f"data file is a directory: {path}")
+        if not p.is_file():  # a FIFO, socket or device: reading it may never end
+            raise ApolloError(f"data file is not a regular file (a pipe, socket or device): {path}")
         try:
             raw = p.read_bytes()
         except OSError as e:
@@ -415,6 +440,8 @@ def load_lm_data(data: DataConfig, model: ModelConfig, seed: int) -> LMData:
         valid_texts = read_text_files(data.valid) if data.valid else None
     if data.valid:
         source += f"; validation: {', '.join(data.valid)}"
+    if valid_texts is not None:
+        check_overlap(texts, valid_texts, data.allow_overlap)
 
     tok = _load_tokenizer(data.tokenizer, model) if data.tokenizer else train_tokenizer(texts, model.arch, model.vocab)
     blocks = pack_blocks(texts, tok, model.seq_len, model.arch)

@@ -34,8 +34,10 @@ from .flops import StepFlops, train_flops
 from .growth import grow, layer_map, shared_layers
 from .ligo import LiGO, merge, operator_loss
 from .lr_schedule import lr_at
+from .memory import check_fits
 from .methods import resolve_method
 from .models import LMLoss, build_model, get_layers, lm_loss, resolve_model
+from .preempt import Preempted, sigterm_stops
 from .sampling import DepthSampler
 from .schedule import resolve_schedule
 
@@ -229,6 +231,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     method = resolve_method(cfg.method, m.layers)  # checked before any data is loaded or anything written
     out = Path(cfg.out)
     d = distributed.setup(t.device)
+    check_fits(m, t, d.device)  # before any allocation: a run that cannot fit is one line, not minutes of work
     accum = grad_accum(t, d.world)
     ckpt, changes = None, []
     if resume:
@@ -289,7 +292,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     log_path = out / "metrics.jsonl" if d.main else Path(os.devnull)  # only rank 0 writes
     with open(log_path, "a" if ckpt or not d.main else "w", encoding="utf-8") as log, \
             tqdm(total=steps, initial=first, disable=not t.progress or not d.main, desc=f"{method.method}",
-                 unit="step", dynamic_ncols=True) as bar:
+                 unit="step", dynamic_ncols=True) as bar, sigterm_stops() as stop:
         def write(record: dict) -> None:
             log.write(json.dumps(record) + "\n")
 
@@ -404,7 +407,9 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                        "val_loss": state["val_loss"], "tokens": state["tokens"], "flops": state["flops"],
                        "wall_s": round(state["wall_s"], 4)})
                 log.flush()
-            if d.main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
+            preempted = stop.requested if not d.active else bool(distributed.all_sum(d, [int(stop.requested)])[0])
+            due = t.checkpoint_every and (step + 1) % t.checkpoint_every == 0
+            if d.main and (due or preempted) and step + 1 < steps:
                 log.flush()
                 run_state = {"stage": stage, "live_layers": n_live, "counters": dict(state),
                              "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
@@ -412,8 +417,12 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 path, size, seconds = checkpoint.save(out, step + 1, model, optimizer, run_state, cfg, data.tokenizer,
                                                       t.keep_checkpoints)
                 write({"event": "checkpoint", "step": step + 1, "path": str(path.relative_to(out)), "bytes": size,
-                       "save_s": round(seconds, 3)})
+                       "save_s": round(seconds, 3), **({"sigterm": True} if preempted else {})})
                 log.flush()
+            if preempted and step + 1 < steps:
+                distributed.barrier(d)  # the checkpoint is complete before any rank exits
+                raise Preempted(f"SIGTERM at step {step + 1}/{steps}: checkpoint written; continue with "
+                                f"--resume {out}")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{state['val_loss']:.3f}", stage=f"{stage}:{n_live}L",
                             d=depths[-1], tok_s=f"{tokens_per_micro * accum / elapsed:.0f}", refresh=False)

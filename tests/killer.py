@@ -1,7 +1,8 @@
 """Test harness: run the ``apollo`` CLI and SIGKILL the process at a chosen point.
 
 ``python tests/killer.py step N -- ARGS``: die when optimizer step N starts (after any growth at N);
-``python tests/killer.py save N -- ARGS``: die in the middle of writing the checkpoint of step N.
+``python tests/killer.py save N -- ARGS``: die in the middle of writing the checkpoint of step N;
+``python tests/killer.py term N -- ARGS``: send itself SIGTERM (a real signal) when optimizer step N starts.
 Kills come from the process itself, so they land at exact, reproducible points.
 """
 
@@ -18,12 +19,12 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _kill_at_step(n: int) -> None:
+def _kill_at_step(n: int, die=_die) -> None:
     lr_at = apollo.train.lr_at
 
     def patched(step, *args):
         if step == n:
-            _die()
+            die()
         return lr_at(step, *args)
 
     apollo.train.lr_at = patched
@@ -44,5 +45,6 @@ def _kill_in_save(n: int) -> None:
 if __name__ == "__main__":
     kind, n, sep, *argv = sys.argv[1:]
     assert sep == "--"
-    {"step": _kill_at_step, "save": _kill_in_save}[kind](int(n))
+    term = lambda n: _kill_at_step(n, lambda: os.kill(os.getpid(), signal.SIGTERM))  # noqa: E731
+    {"step": _kill_at_step, "save": _kill_in_save, "term": term}[kind](int(n))
     sys.exit(main(argv))

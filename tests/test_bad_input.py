@@ -4,6 +4,7 @@ nothing in the working folder written, changed or deleted (an earlier run and it
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ class Case:
     args: tuple[str, ...]
     message: str
     setup: Callable[[Path, Path], None] | None = None
+
+
+# 400 distinct sentences of > 40 characters: enough text for a few blocks
+LONG_TEXT = "\n".join(f"sentence number {i} is long enough to count as a line of text" for i in range(400)).encode()
 
 
 def _file(name: str, content: bytes) -> Callable[[Path, Path], None]:
@@ -126,6 +131,9 @@ CASES = [
     Case("unknown-device", ("--device", "tpu"), "unknown device 'tpu'"),
     Case("global-batch-not-multiple", ("--global-batch", "20"), "--global-batch 20 is not a multiple of --batch-size"),
     Case("unknown-arch", ("--arch", "t5"), "arch"),
+    Case("layers-cannot-fit", ("--layers", "100000"), "this run needs about"),
+    Case("hidden-cannot-fit", ("--hidden", "1000000", "--heads", "4"), "this run needs about"),
+    Case("vocab-cannot-fit", ("--vocab", "100000000"), "this run needs about"),
     Case("gpt-vocab", ("--preset", "gpt-tiny", "--vocab", "100"), "vocab >= 257"),
     # data files
     Case("data-missing", ("--data", "/nonexistent/corpus.txt"), "data file not found: /nonexistent/corpus.txt"),
@@ -136,7 +144,13 @@ CASES = [
     Case("data-directory", ("--data", "{tmp}"), "is a directory"),
     Case("data-under-one-block", ("--data", "{tmp}/s.txt"), "fewer than one block", _file("s.txt", b"hello world\n")),
     Case("valid-missing", ("--valid", "/nonexistent/valid.txt"), "data file not found"),
-    Case("batch-over-corpus", ("--batch-size", "100000"), "fewer than one batch of 100000"),
+    Case("data-fifo", ("--data", "{tmp}/fifo"), "not a regular file (a pipe, socket or device)",
+         lambda tmp, _: os.mkfifo(tmp / "fifo")),
+    Case("data-twice", ("--data", "{tmp}/c.txt", "{tmp}/c.txt"), "the same data file is given twice",
+         _file("c.txt", LONG_TEXT)),
+    Case("valid-is-train", ("--data", "{tmp}/c.txt", "--valid", "{tmp}/c.txt"),
+         "100% of the validation text's long lines are in the training text", _file("c.txt", LONG_TEXT)),
+    Case("batch-over-corpus", ("--batch-size", "5000"), "fewer than one batch of 5000"),
     # tokenizers
     Case("tokenizer-missing", ("--tokenizer", "/nonexistent/tok"), "cannot load tokenizer"),
     Case("tokenizer-corrupt", ("--tokenizer", "{tmp}/tok"), "cannot load tokenizer",

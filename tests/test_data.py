@@ -142,8 +142,9 @@ def test_tokenizer_small_vocab_is_respected_or_refused(corpus):
     assert len(train_tokenizer(corpus, "bert", 100)) <= 100
     with pytest.raises(ApolloError):
         train_tokenizer(corpus, "gpt2", 200)  # byte-level needs 256 bytes + eos
-    with pytest.raises(ApolloError):
-        train_tokenizer(corpus, "t5", 400)
+    # any other model type: a masked LM's WordPiece if transformers has a masked-LM class for it, else byte-level
+    assert train_tokenizer(corpus, "electra", 400).mask_token == "[MASK]"
+    assert train_tokenizer(corpus, "phi3", 400).eos_token == "<|endoftext|>"
 
 
 def test_bert_blocks_have_cls_and_sep(corpus, toks, blocks):

@@ -258,3 +258,23 @@ def test_wsd_schedule_resumes_bit_identical_and_is_part_of_the_resume_check(tmp_
     assert step_records(run) == step_records(tmp_path / "ref")
     lrs = [r["lr"] for r in step_records(run) if r["event"] == "step"]
     assert lrs[9:11] == pytest.approx([lrs[8] * (1 - 0.9 * (1 / 9) ** 0.5), lrs[8] * (1 - 0.9 * (2 / 9) ** 0.5)])
+
+
+def test_sigterm_checkpoints_the_step_it_interrupts_and_resumes_bit_identical(tmp_path):
+    """SIGTERM in the middle of step 6 (no checkpoint due until 1000): step 6 finishes, a checkpoint of 7 steps is
+    written, one line says how to continue, exit code 143; the resumed run ends with the uninterrupted weights."""
+    args = ["train", "--preset", "gpt-tiny", "--method", "apollo", *TINY, "--stages", "1", "3", "6",
+            "--switch", "4", "8", "--switch-unit", "step", "--checkpoint-every", "1000"]
+    ref = cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    r = cli(*args, "--out", str(run), killer=["term", "6"])
+    assert r.returncode == 143, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("apollo")]
+    assert lines == [f"apollo: SIGTERM at step 7/18: checkpoint written; continue with --resume {run}"], r.stderr
+    assert [p.name for p in apollo.checkpoint.saved(run)] == ["step-00000007"]
+    r = cli("train", "--resume", str(run))
+    assert r.returncode == 0, r.stderr
+    a, b = weights(tmp_path / "ref"), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert step_records(run) == step_records(tmp_path / "ref")

@@ -10,6 +10,7 @@ must say why in one line (``ApolloError``); anything else failing is a bug.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 
 import pytest
@@ -39,6 +40,7 @@ from apollo.train import head_tokens, train
 MODEL_TYPES = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_MASKED_LM_MAPPING_NAMES))
 SIZE = {"layers": 4, "hidden": 32, "heads": 2, "ffn": 64, "vocab": 512, "seq_len": 16}
 MAX_PARAMS = 2_000_000  # a tiny config that is still bigger than this is not tiny (a vision tower, experts ...)
+MAX_FORWARD_S = 2.0  # ... or whose tiny forward is this slow (a sequential scan at its default state size)
 pytestmark = pytest.mark.sweep
 # Layers whose behaviour is set from their index when built: a copied layer keeps its source's, a reloaded model
 # recomputes them by position, so the saved model is not the trained one.
@@ -69,12 +71,16 @@ def build(m: ModelConfig, live: int) -> nn.Module:
             model = build_model(m, live, 0)
             model.config._attn_implementation = "eager"  # FlopCounterMode does not count CPU SDPA
             perturb(model)
+            start = time.perf_counter()
             with torch.no_grad():  # the plain model, before apollo touches it
                 model.eval()(input_ids=batch(m, False)["input_ids"])
+            seconds = time.perf_counter() - start
     except ApolloError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers' own errors at a size its authors never meant
         pytest.skip(f"transformers cannot run it tiny: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    if seconds > MAX_FORWARD_S:
+        pytest.skip(f"too slow to sweep: one tiny forward takes {seconds:.1f} s on this CPU")
     return model
 
 
@@ -221,3 +227,28 @@ def test_inspection_finds_what_every_registered_entry_says(model_type, tmp_path)
     assert found.residual_outputs == registered.residual_outputs
     if registered.mlm:
         assert found.head == registered.head
+
+
+def test_model_config_from_the_command_line(tmp_path):
+    """``apollo train --model-config DIR`` builds that architecture at its own depth and width unless flags say
+    otherwise, records arch = its model_type, and a bad path is one line with exit code 2."""
+    import json
+    import subprocess
+
+    from transformers import Qwen3Config
+
+    Qwen3Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=64, head_dim=16).save_pretrained(tmp_path / "qwen3")
+    flags = ["--vocab", "512", "--seq-len", "16", "--batch-size", "4", "--synthetic-sentences", "300",
+             "--eval-blocks", "4", "--no-progress", "--steps", "4", "--eval-every", "4", "--threads", "1"]
+    r = subprocess.run([sys.executable, "-m", "apollo", "train", "--model-config", str(tmp_path / "qwen3"),
+                        "--method", "apollo", "--stages", "1", "2", "4", "--switch", "1", "2", "--switch-unit",
+                        "step", *flags, "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["model_type"] == "qwen3" and saved["num_hidden_layers"] == 4 and saved["hidden_size"] == 32
+    assert saved["num_key_value_heads"] == 1 and len(saved["layer_types"]) == 4
+    assert "arch: qwen3" in (tmp_path / "run" / "config.yaml").read_text()
+    r = subprocess.run([sys.executable, "-m", "apollo", "train", "--model-config", str(tmp_path / "missing"),
+                        *flags, "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("apollo: error: --model-config ") and r.stderr.count("\n") == 1
