@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: half the target's)")
     compare.add_argument("--small-layers", type=int, default=0,
                          help="... and its depth (default: the target's)")
+    compare.add_argument("--resume", metavar="OUT",
+                         help="continue an interrupted compare in OUT: finished methods are kept, the interrupted one "
+                              "resumes from its checkpoint, the rest run (its own config and methods)")
     _add_config_flags(compare, skip=("method",))
     finetune = sub.add_parser("finetune", help="fine-tune a run's model on a GLUE task or SQuAD and report the metric")
     finetune.add_argument("--model", required=True, help="a run directory (or a saved HF model directory)")
@@ -134,7 +137,10 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             raise ApolloError("--resume continues a run and --overwrite replaces it: choose one")
         if args.out and Path(args.out).resolve() != Path(resume).resolve():
             raise ApolloError(f"--resume {resume} writes into that run; --out {args.out} names another")
-        latest(Path(resume))  # a missing run or checkpoint is reported before its config is checked
+        if args.command == "train":
+            latest(Path(resume))  # a missing run or checkpoint is reported before its config is checked
+        elif not (Path(resume) / "config.yaml").exists():
+            raise ApolloError(f"--resume {resume}: not an apollo compare folder (no config.yaml)")
         args.out = resume
     if getattr(args, "allow_config_change", False) and not resume:
         raise ApolloError("--allow-config-change applies only with --resume")
@@ -196,8 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .compare import compare
 
-            table = compare(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], args.overwrite,
-                            args.small_hidden, args.small_layers)
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            small = (args.small_hidden, args.small_layers)
+            if args.resume:
+                from .compare import stored_compare
+
+                stored = stored_compare(Path(args.resume))
+                methods, small = stored["methods"], (stored["small_hidden"], stored["small_layers"])
+            table = compare(cfg, methods, args.overwrite, *small, resume=bool(args.resume))
             if table:  # rank 0 (or the only process)
                 print(table + f"\nwrote {cfg.out}/results.md, results.csv, loss_vs_flops.png")
     except ApolloError as e:

@@ -3,25 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from . import distributed
 from .bert2bert import load_small, small_dir, small_shape
-from .config import ApolloError, MethodConfig, RunConfig, check, save_yaml
+from .checkpoint import saved
+from .config import ApolloError, MethodConfig, RunConfig, check, config_changes, load_yaml, save_yaml
 from .data import load_lm_data
 from .methods import FROM_SMALL, METHODS, resolve_method
 from .report import report_dir
 from .train import prepare_run_dir, train
 
 
+def stored_compare(out: Path) -> dict:
+    """The methods and small-model shape an earlier ``apollo compare`` into ``out`` was started with."""
+    try:
+        return json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ApolloError(f"--resume {out}: not an apollo compare folder (no readable compare.json)") from None
+
+
+def _run(cfg: RunConfig, data, resume: bool) -> None:
+    """Train one method of a compare; on resume keep it if finished (same config), continue it from its
+    checkpoint, or start it again."""
+    run = Path(cfg.out)
+    if resume and (run / "summary.json").exists():
+        resolved = dataclasses.replace(cfg, method=resolve_method(cfg.method, cfg.model.layers))
+        changes = config_changes(load_yaml(run / "config.yaml"), resolved)
+        if changes:
+            raise ApolloError(f"--resume: {run} finished with another config ({'; '.join(changes)})")
+        return
+    if resume and saved(run):
+        train(cfg, data, resume=True)
+    else:
+        train(cfg, data, overwrite=resume)  # on resume: a method killed before its first checkpoint restarts
+
+
 def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_hidden: int = 0,
-            small_layers: int = 0) -> str:
+            small_layers: int = 0, resume: bool = False) -> str:
     """Train each method into ``cfg.out/<method>``, then write the report (``report.report_dir``): results.md/.csv,
     loss_vs_flops.png, loss_vs_wall.png and depth_<method>.png for each method with more than one stage.
 
     bert2bert and ligo grow ``cfg.method.small_model``; without one, a Scratch run of the small shape
     (``bert2bert.small_shape``: half the width by default) is trained first into ``cfg.out/small`` on the same
-    data and budget, and its FLOPs are reported separately, as the papers do."""
+    data and budget, and its FLOPs are reported separately, as the papers do.
+
+    ``resume``: continue an interrupted compare in ``cfg.out`` (its own config and methods, ``compare.json``):
+    finished methods are kept once their config checks out, the interrupted one resumes from its checkpoint (or
+    restarts if it had none), the rest run; the report is the one an uninterrupted compare writes."""
     check(cfg)
     if not methods:
         raise ApolloError(f"--methods is empty (choose from {', '.join(METHODS)})")
@@ -59,14 +89,17 @@ def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_h
         data_cfg = dataclasses.replace(cfg.data, tokenizer=small_dir(m.small_model))
     data = load_lm_data(data_cfg, cfg.model, cfg.train.seed)
     d = distributed.setup(cfg.train.device)  # under torchrun, rank 0 alone writes the shared folder and report
-    prepare_run_dir(out, overwrite, d)
-    if d.main:
-        save_yaml(cfg, out / "config.yaml")
-    distributed.barrier(d)
+    if not resume:
+        prepare_run_dir(out, overwrite, d)
+        if d.main:
+            save_yaml(cfg, out / "config.yaml")
+            (out / "compare.json").write_text(json.dumps({"methods": methods, "small_hidden": small_hidden,
+                                                          "small_layers": small_layers}), encoding="utf-8")
+        distributed.barrier(d)
     if small_cfg is not None:
-        train(small_cfg, data)
+        _run(small_cfg, data, resume)
     runs = {}
     for name in methods:
-        train(dataclasses.replace(cfg, out=str(out / name), method=method_config(name)), data)
+        _run(dataclasses.replace(cfg, out=str(out / name), method=method_config(name)), data, resume)
         runs[name] = out / name
     return report_dir(out, runs, f"{cfg.preset or cfg.model.arch}: {data.source}") if d.main else ""

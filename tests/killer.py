@@ -2,7 +2,8 @@
 
 ``python tests/killer.py step N -- ARGS``: die when optimizer step N starts (after any growth at N);
 ``python tests/killer.py save N -- ARGS``: die in the middle of writing the checkpoint of step N;
-``python tests/killer.py term N -- ARGS``: send itself SIGTERM (a real signal) when optimizer step N starts.
+``python tests/killer.py term N -- ARGS``: send itself SIGTERM (a real signal) when optimizer step N starts;
+``python tests/killer.py again N -- ARGS``: die the second time a step N starts (in a compare's second method).
 Kills come from the process itself, so they land at exact, reproducible points.
 """
 
@@ -19,12 +20,15 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _kill_at_step(n: int, die=_die) -> None:
+def _kill_at_step(n: int, die=_die, times: int = 1) -> None:
     lr_at = apollo.train.lr_at
+    seen = []
 
     def patched(step, *args):
         if step == n:
-            die()
+            seen.append(step)
+            if len(seen) == times:
+                die()
         return lr_at(step, *args)
 
     apollo.train.lr_at = patched
@@ -46,5 +50,6 @@ if __name__ == "__main__":
     kind, n, sep, *argv = sys.argv[1:]
     assert sep == "--"
     term = lambda n: _kill_at_step(n, lambda: os.kill(os.getpid(), signal.SIGTERM))  # noqa: E731
-    {"step": _kill_at_step, "save": _kill_in_save, "term": term}[kind](int(n))
+    again = lambda n: _kill_at_step(n, times=2)  # noqa: E731
+    {"step": _kill_at_step, "save": _kill_in_save, "term": term, "again": again}[kind](int(n))
     sys.exit(main(argv))

@@ -278,3 +278,33 @@ def test_sigterm_checkpoints_the_step_it_interrupts_and_resumes_bit_identical(tm
     a, b = weights(tmp_path / "ref"), weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert step_records(run) == step_records(tmp_path / "ref")
+
+
+def test_a_killed_compare_resumes_keeping_what_finished(tmp_path):
+    """``apollo compare`` killed inside its second method (SIGKILL): ``compare --resume OUT`` keeps the finished
+    first method, resumes the second from its checkpoint, runs the third; the report's numbers are the ones an
+    uninterrupted compare writes."""
+    import csv
+
+    args = ["compare", "--preset", "gpt-tiny", "--methods", "scratch,stackbert,apollo", *TINY, "--steps", "8"]
+    ref = cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "cmp"
+    r = cli(*args, "--out", str(out), killer=["again", "6"])  # at step 6 of the second method (stackbert)
+    assert r.returncode == -9
+    assert (out / "scratch" / "summary.json").exists() and not (out / "stackbert" / "summary.json").exists()
+    assert apollo.checkpoint.saved(out / "stackbert") and not (out / "apollo").exists()
+    finished = (out / "scratch" / "summary.json").stat().st_mtime_ns
+    r = cli("compare", "--resume", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "scratch" / "summary.json").stat().st_mtime_ns == finished  # kept, not trained again
+    for name in ("scratch", "stackbert", "apollo"):
+        a, b = weights(tmp_path / "ref" / name), weights(out / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert step_records(out / name) == step_records(tmp_path / "ref" / name)
+    timed = ("wall", "seconds", "tokens_per_s")  # wall-clock columns differ between any two runs
+    rows = [[{k: v for k, v in row.items() if not any(w in k for w in timed)}
+             for row in csv.DictReader((d / "results.csv").read_text().splitlines())] for d in (tmp_path / "ref", out)]
+    assert rows[0] == rows[1] and len(rows[0]) == 3 and "final_val_loss" in rows[0][0]
+    r = cli("compare", "--resume", str(out), "--lr", "5e-3")  # a finished method with another config is refused
+    assert r.returncode == 2 and "finished with another config" in r.stderr, r.stderr
