@@ -164,13 +164,22 @@ def check_tokenizer(tokenizer, small_model: str) -> None:
 
 
 def train_operator(op: LiGO, model: nn.Module, batches: Batches, method: MethodConfig, t: TrainConfig, mlm: bool,
-                   state: dict, write: Callable[[dict], None]) -> None:
+                   state: dict, write: Callable[[dict], None], resume: checkpoint.Checkpoint | None = None,
+                   save: Callable[[int, LiGO, torch.optim.Optimizer], None] | None = None) -> None:
     """LiGO: train only the growth operator (AdamW, peak LR, no decay) for ``ligo_steps`` steps on the LM loss,
-    one micro-batch each, then merge it into the model's plain weights. Its FLOPs, tokens and seconds count."""
+    one micro-batch each, then merge it into the model's plain weights. Its FLOPs, tokens and seconds count.
+    ``save(k, op, optimizer)`` checkpoints after operator step k (every ``checkpoint_every``); ``resume``
+    continues from such a checkpoint."""
     optimizer = torch.optim.AdamW(op.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0)
+    first = 0
+    if resume is not None:
+        checkpoint.load_weights(op, resume)
+        optimizer.load_state_dict(resume.optimizer)
+        checkpoint.restore_rng(resume.state)
+        first = resume.state["operator_step"]
     op_flops = op.flops()
     depth = len(get_layers(model))
-    for k in range(method.ligo_steps):
+    for k in range(first, method.ligo_steps):
         start = time.perf_counter()
         batch = batches.batch(k)
         loss = operator_loss(op, model, batch, mlm)
@@ -185,6 +194,8 @@ def train_operator(op: LiGO, model: nn.Module, batches: Batches, method: MethodC
         state["wall_s"] += time.perf_counter() - start
         write({"event": "operator_step", "step": k, "loss": loss.item(), "tokens": state["tokens"],
                "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
+        if save and t.checkpoint_every and (k + 1) % t.checkpoint_every == 0 and k + 1 < method.ligo_steps:
+            save(k + 1, op, optimizer)
     merge(op, model)
     write({"event": "grow", "step": 0, "from": op.n_small, "to": op.n_large, "growth": "ligo",
            "operator_steps": method.ligo_steps, "operator_flops_per_step": op_flops})
@@ -240,7 +251,8 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             raise ApolloError(f"--resume {out}: the checkpoint was written by {ckpt.state.get('world', 1)} "
                               f"process(es), this run has {d.world} (pass --allow-config-change to resume anyway)")
     # bert2BERT / LiGO start from a trained smaller model, checked (with its tokenizer) before anything is written.
-    small = load_small(method.small_model, m) if method.small_model and ckpt is None else None
+    in_operator = ckpt is not None and "operator_step" in ckpt.state  # killed while LiGO trained its operator
+    small = load_small(method.small_model, m) if method.small_model and (ckpt is None or in_operator) else None
     if small is not None and not cfg.data.tokenizer and data is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=small_dir(method.small_model)))
     if data is None:  # a resumed run packs its text with the checkpoint's tokenizer, not a retrained one
@@ -275,7 +287,8 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
         first, stage = 0, 0
     else:  # everything is read and checked before the run directory is touched
         model = build_model(m, ckpt.state["live_layers"], t.seed)
-        checkpoint.load_weights(model, ckpt)
+        if not in_operator:  # an operator checkpoint holds the operator and the models it maps between
+            checkpoint.load_weights(model, ckpt)
         state = dict(ckpt.state["counters"])
         first, stage = ckpt.step, ckpt.state["stage"]
         sampler.load_state_dict(ckpt.state["sampler"])
@@ -307,9 +320,22 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             write({"event": "resume", "step": first, "checkpoint": ckpt.path.name, "config_changes": changes})
             say(f"[{method.method}] resumed {out} at step {first} from {ckpt.path.name}"
                 + (f"; config changes: {'; '.join(changes)}" if changes else ""))
-        if method.method == "ligo" and ckpt is None:
+        if method.method == "ligo" and (ckpt is None or in_operator):
+            def save_operator(k: int, op: LiGO, op_optimizer: torch.optim.Optimizer) -> None:
+                if not d.main:
+                    return
+                log.flush()
+                run_state = {"stage": 0, "live_layers": m.layers, "counters": dict(state), "operator_step": k,
+                             "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
+                             "data_fingerprint": data_fingerprint, "world": d.world}
+                path, size, seconds = checkpoint.save(out, 0, op, op_optimizer, run_state, cfg, data.tokenizer,
+                                                      t.keep_checkpoints)
+                write({"event": "checkpoint", "step": 0, "operator_step": k, "path": str(path.relative_to(out)),
+                       "bytes": size, "save_s": round(seconds, 3)})
+                log.flush()
+
             train_operator(LiGO(small, model, width_map(small.config, model.config, t.seed)), model, batches, method,
-                           t, data.mlm, state, write)
+                           t, data.mlm, state, write, ckpt if in_operator else None, save_operator)
         model.to(d.device)
         if small is not None:  # where the grown model starts: its validation loss before any model update
             state["val_loss"] = evaluate(model, valid, list(range(m.layers)), data.mlm, autocast)
@@ -317,7 +343,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                    "tokens": state["tokens"], "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
             say(f"[{method.method}] grown from {method.small_model}: val loss {state['val_loss']:.4f}")
         optimizer = make_optimizer(model, t)
-        if ckpt is not None:
+        if ckpt is not None and not in_operator:
             optimizer.load_state_dict(ckpt.optimizer)
             checkpoint.restore_rng(ckpt.state)  # last: building the model reseeded torch
         if t.compile:

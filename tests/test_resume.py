@@ -308,3 +308,30 @@ def test_a_killed_compare_resumes_keeping_what_finished(tmp_path):
     assert rows[0] == rows[1] and len(rows[0]) == 3 and "final_val_loss" in rows[0][0]
     r = cli("compare", "--resume", str(out), "--lr", "5e-3")  # a finished method with another config is refused
     assert r.returncode == 2 and "finished with another config" in r.stderr, r.stderr
+
+
+def test_ligo_killed_in_its_operator_phase_resumes_bit_identical(tmp_path):
+    """LiGO's operator steps checkpoint like any other (every --checkpoint-every): killed at operator step 6 of 10,
+    the run resumes from operator step 4 and ends with the uninterrupted run's weights and log."""
+    small = tmp_path / "small"
+    r = cli("train", "--preset", "gpt-tiny", "--method", "scratch", *TINY, "--hidden", "16", "--heads", "1",
+            "--ffn", "32", "--steps", "4", "--out", str(small))
+    assert r.returncode == 0, r.stderr
+    args = ["train", "--preset", "gpt-tiny", "--method", "ligo", "--small-model", str(small), "--ligo-steps", "10",
+            *TINY, "--steps", "6"]
+    ref = cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    r = cli(*args, "--out", str(run), killer=["operator", "6"])
+    assert r.returncode == -9, r.stderr
+    state = torch.load(apollo.checkpoint.saved(run)[-1] / "state.pt", weights_only=True)
+    assert state["step"] == 0 and state["operator_step"] == 4
+    r = cli("train", "--resume", str(run))
+    assert r.returncode == 0, r.stderr
+    a, b = weights(tmp_path / "ref"), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert step_records(run) == step_records(tmp_path / "ref")
+    log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = [i for i, x in enumerate(log) if x["event"] == "resume"]
+    assert len(resumed) == 1 and log[resumed[0]]["checkpoint"] == "step-00000000"
+    assert [x["step"] for x in log[resumed[0]:] if x["event"] == "operator_step"] == [4, 5, 6, 7, 8, 9]
