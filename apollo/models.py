@@ -83,9 +83,14 @@ def adapter(model_type: str) -> Adapter:
 
 
 def model_adapter(model: nn.Module) -> Adapter:
-    """The model's ``ADAPTERS`` entry (an override), else what inspecting the model finds."""
+    """The model's ``ADAPTERS`` entry (an override), else what inspecting the model finds: once per model object
+    (kept on it; growth and shared passes swap the layer list's contents, never where it lives)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return ADAPTERS[model_type] if model_type in ADAPTERS else inspect_adapter(model)
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    if "_apollo_adapter" not in model.__dict__:
+        model.__dict__["_apollo_adapter"] = inspect_adapter(model)
+    return model.__dict__["_apollo_adapter"]
 
 
 # ---- inspection: where an unregistered Hugging Face model keeps what apollo touches ------------------------------
@@ -392,7 +397,7 @@ def build_model(m: ModelConfig, live_layers: int, seed: int) -> PreTrainedModel:
 
 def layer_path(model: nn.Module) -> str:
     """Dotted attribute path of the model's layer list, e.g. ``bert.encoder.layer``."""
-    path = model_adapter(model).layers if getattr(model.config, "model_type", None) in ADAPTERS else _layer_list(model)
+    path = model_adapter(model).layers
     obj = model
     for part in path.split("."):
         obj = getattr(obj, part, None)
