@@ -45,8 +45,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
             flag = "--" + f.name.replace("_", "-")
             if tp is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            elif typing.get_origin(tp) is tuple:
-                group.add_argument(flag, nargs="+", metavar="V", **kw)
+            elif typing.get_origin(tp) is tuple:  # "extend" fields add up when repeated (--report-to a --report-to b)
+                group.add_argument(flag, nargs="+", metavar="V", action="extend" if f.metadata.get("extend") else None,
+                                   **kw)
             else:
                 group.add_argument(flag, metavar=tp.__name__.upper(), **kw)
 
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its latest checkpoint (its config; flags may change only "
-                            "--threads, --progress, --checkpoint-every, --keep-checkpoints, --skip-nonfinite)")
+                            "--threads, --progress, --checkpoint-every, --keep-checkpoints, --skip-nonfinite, "
+                            "--report-to, --energy, --country-iso-code, --energy-tracking-mode)")
     train.add_argument("--allow-config-change", action="store_true",
                        help="with --resume: accept flags that change the result, and list them")
     compare = sub.add_parser("compare", help="train several methods on the same budget and report the saving")

@@ -98,6 +98,15 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "save a resumable checkpoint every K optimizer steps (0 = off)")
     keep_checkpoints: int = _f(2, "checkpoints kept, newest first (0 = all)")
     skip_nonfinite: int = _f(0, "skip up to this many steps whose loss or gradient is NaN/Inf (0 = stop at the first)")
+    report_to: tuple[str, ...] = field(default=(), metadata={
+        "help": "experiment trackers beside metrics.jsonl: tensorboard | wandb | trackio | none (several: "
+                "comma-separated or repeated)", "extend": True})
+    energy: str = _f("off", "energy (kWh) and CO2 of the training steps with codecarbon: off | auto (when codecarbon "
+                            "is installed) | on (required)")
+    country_iso_code: str = _f("USA", "--energy: 3-letter ISO code of the country whose grid carbon intensity turns "
+                                      "kWh into kg CO2eq (codecarbon's table)")
+    energy_tracking_mode: str = _f("process", "--energy: process (CPU load and RAM of this process) | machine (the "
+                                              "whole machine); RAPL and NVML counters always read whole devices")
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,8 @@ def from_dict(d: dict, base: RunConfig | None = None) -> RunConfig:
 # Fields that do not change what a run computes: resuming may change them freely (threads can change the
 # last bits of CPU matmuls, so exact resume equality is for an unchanged thread count).
 NON_RESULT = ("out", "preset", "train.threads", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
-              "train.skip_nonfinite", "train.check_ranks")
+              "train.skip_nonfinite", "train.check_ranks", "train.report_to", "train.energy", "train.country_iso_code",
+              "train.energy_tracking_mode")
 
 
 def config_changes(old: RunConfig, new: RunConfig) -> list[str]:
@@ -329,3 +339,7 @@ def check(cfg: RunConfig) -> None:
         raise ApolloError(f"--valid-fraction must be in (0, 1), got {d.valid_fraction}")
     if not 0 < d.mlm_probability < 1:
         raise ApolloError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")
+    from . import energy, trackers  # a missing tracker or energy library is one line, before anything is written
+
+    trackers.check(t)
+    energy.check(t)

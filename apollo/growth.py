@@ -137,3 +137,37 @@ def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: s
         if state:
             new_optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
     return new_optimizer, source
+
+
+@torch.no_grad()
+def grow_in_place(model: nn.Module, optimizer: torch.optim.Optimizer, n_old: int, n_new: int, kind: str,
+                  moments: str, new_layers: str = "copy") -> list[int]:
+    """``grow`` for a model that holds all L layer slots from step 0 (``hf_trainer.py``): slots ``0..n_old-1``
+    are live; afterwards slot ``j < n_new`` holds a copy of old slot ``source[j]`` (the same ``layer_map``),
+    weights **and** AdamW state copied between existing parameters, so the optimizer, LR scheduler and a DDP
+    wrapper built over all slots stay valid. The state policy is ``grow``'s: ``copy`` gives each new slot its
+    source's state, ``reset`` empties every live slot's, zeroed projections always start empty.
+    Returns the source map. Slots ``>= n_new`` are untouched."""
+    if moments not in MOMENTS:
+        raise ApolloError(f"unknown moments policy {moments!r} (choose from {', '.join(MOMENTS)})")
+    if new_layers not in NEW_LAYERS:
+        raise ApolloError(f"unknown new-layers policy {new_layers!r} (choose from {', '.join(NEW_LAYERS)})")
+    slots = get_layers(model)
+    if not 1 <= n_old < n_new <= len(slots):
+        raise ApolloError(f"cannot grow {n_old} -> {n_new} live layers in a model with {len(slots)} slots")
+    source = layer_map(kind, n_old, n_new)
+    # A snapshot of the old live layers first: a slot can be both a copy's target and another copy's source.
+    tensors = [{k: v.clone() for k, v in slots[i].state_dict().items()} for i in range(n_old)]
+    states = [[{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+               for p in slots[i].parameters()] for i in range(n_old)]
+    for j, i in enumerate(source):
+        slots[j].load_state_dict(tensors[i])
+        for p, state in zip(slots[j].parameters(), states[i], strict=True):
+            optimizer.state.pop(p, None)
+            if moments == "copy" and state:
+                optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+    if new_layers == "zeroed":
+        for p in zeroed_params(model, nn.ModuleList(slots[:n_new]), source):
+            p.zero_()
+            optimizer.state.pop(p, None)
+    return source

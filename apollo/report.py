@@ -2,8 +2,9 @@
 
 FLOPs saving = ``1 - F_method / F_scratch``: ``F_scratch`` is Scratch's total training FLOPs at the end of
 its run, ``F_method`` the method's cumulative FLOPs when its validation loss first reaches Scratch's final
-validation loss. Wall-clock saving is the same with training seconds (evaluation time excluded). Between
-two evaluations the curve is taken as linear, so the crossing is interpolated. This is a *saving*, not a
+validation loss. Wall-clock saving is the same with training seconds (evaluation time excluded), and energy to the
+target likewise with the cumulative kWh of the training steps that runs with ``--energy`` log in each ``eval``
+record. Between two evaluations the curve is taken as linear, so the crossing is interpolated. This is a *saving*, not a
 "speedup" (``F_s / F_m - 1``).
 
 ``report_dir`` writes everything for a set of named runs: results.md/.csv, loss against FLOPs and against
@@ -39,6 +40,11 @@ class Row:
     wall_s_to_target: float | None
     flops_saving: float | None
     wall_saving: float | None
+    # --energy (codecarbon): None when the run did not measure energy, or (to target) never reached it
+    energy_kwh: float | None = None
+    energy_kwh_to_target: float | None = None
+    emissions_kg: float | None = None
+    energy_method: str | None = None
 
 
 def read_events(run_dir: Path, event: str) -> list[dict]:
@@ -66,16 +72,18 @@ def tokens_per_s(run_dir: Path) -> float:
     return last["tokens"] / max(last["wall_s"], 1e-9)
 
 
-def first_reach(evals: list[dict], target: float) -> tuple[float, float] | None:
-    """(FLOPs, wall seconds) at which the validation curve first reaches ``target`` (linear between evals)."""
+def first_reach(evals: list[dict], target: float, keys: tuple[str, ...] = ("flops", "wall_s")) -> tuple | None:
+    """The values of ``keys`` (FLOPs, wall seconds) at which the validation curve first reaches ``target``
+    (linear between evals); None where it never does. A key the evals lack (``energy_kwh`` of a run without
+    --energy) comes back None."""
     prev = None
     for e in evals:
         if e["val_loss"] <= target:
             if prev is None or prev["val_loss"] == e["val_loss"]:
-                return e["flops"], e["wall_s"]
+                return tuple(e.get(k) for k in keys)
             f = (prev["val_loss"] - target) / (prev["val_loss"] - e["val_loss"])
-            return (prev["flops"] + f * (e["flops"] - prev["flops"]),
-                    prev["wall_s"] + f * (e["wall_s"] - prev["wall_s"]))
+            return tuple(None if prev.get(k) is None or e.get(k) is None else prev[k] + f * (e[k] - prev[k])
+                         for k in keys)
         prev = e
     return None
 
@@ -88,19 +96,37 @@ def summarize(runs: dict[str, Path]) -> tuple[list[Row], float | None]:
     rows = []
     for name, ev in evals.items():
         last = ev[-1]
-        reach = first_reach(ev, target) if target is not None else None
-        rows.append(Row(name, last["val_loss"], read_summary(runs[name]).get("test_loss"), last["flops"],
+        reach = first_reach(ev, target, ("flops", "wall_s", "energy_kwh")) if target is not None else None
+        summary = read_summary(runs[name])
+        energy = summary.get("energy_kwh", last.get("energy_kwh"))
+        rows.append(Row(name, last["val_loss"], summary.get("test_loss"), last["flops"],
                         last["wall_s"], tokens_per_s(runs[name]),
                         reach[0] if reach else None, reach[1] if reach else None,
                         1 - reach[0] / scratch[-1]["flops"] if reach else None,
-                        1 - reach[1] / scratch[-1]["wall_s"] if reach else None))
+                        1 - reach[1] / scratch[-1]["wall_s"] if reach else None,
+                        energy, reach[2] if reach and energy is not None else None,
+                        summary.get("emissions_kg", last.get("emissions_kg")),
+                        summary.get("energy_method") if energy is not None else None))
     return rows, target
 
 
 def _fmt(x: float | None, kind: str, missing: str = "never reached") -> str:
     if x is None:
         return missing
-    return {"loss": f"{x:.4f}", "tflops": f"{x / 1e12:.2f}", "s": f"{x:.0f}", "pct": f"{100 * x:.1f}%"}[kind]
+    return {"loss": f"{x:.4f}", "tflops": f"{x / 1e12:.2f}", "s": f"{x:.0f}", "pct": f"{100 * x:.1f}%",
+            "3g": f"{x:.3g}"}[kind]
+
+
+def energy_note(rows: list[Row]) -> str | None:
+    """How the energy columns were obtained (None when no run measured energy)."""
+    methods = sorted({r.energy_method for r in rows if r.energy_kwh is not None and r.energy_method})
+    if not any(r.energy_kwh is not None for r in rows):
+        return None
+    how = "; ".join(f"`{m}`" for m in methods) if methods else "n/a"
+    return ("Energy (`--energy`, codecarbon): kWh of the training steps, the same interval as train s (evaluation "
+            "and checkpoint writes excluded); kWh to target is the cumulative kWh logged at each evaluation, "
+            "interpolated at the target like seconds (n/a: the run did not measure energy). kg CO2eq = kWh x the "
+            f"grid intensity of `--country-iso-code`. How it was obtained: {how}.")
 
 
 FLAT_TARGET = 0.05  # Scratch reaching its own final loss before 95% of its run means the target sits on a plateau
@@ -151,13 +177,23 @@ def write_results(rows: list[Row], target: float | None, out: Path, source: str,
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
+    note = energy_note(rows)  # the energy columns only when some run measured energy (--energy)
     head = ("| method | final val loss | test loss | total TFLOPs | train s | tokens/s | TFLOPs to target "
-            "| s to target | FLOPs saving | wall saving |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| s to target | FLOPs saving | wall saving |" + (" kWh | kWh to target | kg CO2eq |" if note else "")
+            + "\n|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if note else "") + "\n")
+
+    def energy_cells(r: Row) -> str:
+        if not note:
+            return ""
+        reached = r.energy_kwh is not None and target is not None and r.flops_to_target is None
+        to_target = _fmt(r.energy_kwh_to_target, "3g", "never reached" if reached else "n/a")
+        return f" {_fmt(r.energy_kwh, '3g', 'n/a')} | {to_target} | {_fmt(r.emissions_kg, '3g', 'n/a')} |"
+
     table = head + "".join(
         f"| {r.method} | {_fmt(r.final_val_loss, 'loss')} | {_fmt(r.test_loss, 'loss', 'n/a')} "
         f"| {_fmt(r.total_flops, 'tflops')} | {_fmt(r.wall_s, 's')} | {_fmt(r.tokens_per_s, 's')} "
         f"| {_fmt(r.flops_to_target, 'tflops')} | {_fmt(r.wall_s_to_target, 's')} | {_fmt(r.flops_saving, 'pct')} "
-        f"| {_fmt(r.wall_saving, 'pct')} |\n" for r in rows)
+        f"| {_fmt(r.wall_saving, 'pct')} |{energy_cells(r)}\n" for r in rows)
     target_line = f"{target:.4f}" if target is not None else "n/a (no scratch run)"
     warning = flat_target_warning(rows)
     md = (f"# Results\n\nData: {source}\n\nTarget = Scratch's final validation loss: {target_line}. "
@@ -166,7 +202,7 @@ def write_results(rows: list[Row], target: float | None, out: Path, source: str,
           "Scratch's total; wall saving likewise with training seconds (evaluation excluded). Test loss is "
           "scored once at the end of the run at full depth (n/a: no test set); tokens/s is training tokens "
           "per training second.\n\n" + (f"**Warning:** {warning}\n\n" if warning else "") + table
-          + "".join(f"\n{n}\n" for n in notes))
+          + "".join(f"\n{n}\n" for n in [*notes, *([note] if note else [])]))
     (out / "results.md").write_text(md, encoding="utf-8")
     return table
 

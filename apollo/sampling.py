@@ -107,18 +107,37 @@ def depth_distribution(sampler: str, n_live: int, depth: int) -> dict[int, float
 
 
 class DepthSampler:
-    """A seeded depth sampler whose generator state is part of the run state (checkpointable)."""
+    """A seeded depth sampler: draw ``i`` of a run is a function of (seed, i) alone.
+
+    ``draw(n_live, i)`` continues the generator when ``i`` is the next index, and otherwise replays the stream
+    from the seed up to ``i`` in one vectorised call. That is exact because every sampler consumes one number per
+    draw whatever ``n_live`` is (a float64 for LVPS / ES, one integer for US; FS and none consume nothing), so a
+    resumed run, another rank or a ``transformers.Trainer`` that restarts at a step (``hf_trainer.py``) draws
+    the same depths as an uninterrupted ``apollo train`` with no sampler state of its own.
+    """
 
     def __init__(self, sampler: str, depth: int, seed: int):
         _check(sampler)
-        self.sampler, self.depth = sampler, depth
+        self.sampler, self.depth, self.seed = sampler, depth, seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.drawn = 0  # draws taken from the generator so far
 
     def __call__(self, n_live: int) -> int:
+        self.drawn += 1
         return int(sample_depths(self.sampler, n_live, self.depth, self.generator)[0])
 
+    def draw(self, n_live: int, index: int) -> int:
+        """The depth of draw ``index`` (0-based) of the run, at a stage with ``n_live`` live layers."""
+        if index != self.drawn:
+            self.generator.manual_seed(self.seed)
+            if index > 0:
+                sample_depths(self.sampler, n_live, self.depth, self.generator, size=index)
+            self.drawn = index
+        return self(n_live)
+
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self.drawn = state.get("drawn", -1)  # an older checkpoint: unknown, so the next draw() replays

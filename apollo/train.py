@@ -30,6 +30,7 @@ from . import checkpoint, distributed
 from .bert2bert import bert2bert, load_small, small_dir, width_map
 from .config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, config_changes, save_yaml
 from .data import Batches, LMData, load_lm_data, valid_batches
+from .energy import EnergyMeter
 from .flops import StepFlops, train_flops
 from .growth import grow, layer_map, shared_layers
 from .ligo import LiGO, merge, operator_loss
@@ -40,6 +41,7 @@ from .models import LMLoss, build_model, get_layers, lm_loss, resolve_model
 from .preempt import Preempted, sigterm_stops
 from .sampling import DepthSampler
 from .schedule import resolve_schedule
+from .trackers import Trackers
 
 
 def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
@@ -305,9 +307,12 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     log_path = out / "metrics.jsonl" if d.main else Path(os.devnull)  # only rank 0 writes
     with open(log_path, "a" if ckpt or not d.main else "w", encoding="utf-8") as log, \
             tqdm(total=steps, initial=first, disable=not t.progress or not d.main, desc=f"{method.method}",
-                 unit="step", dynamic_ncols=True) as bar, sigterm_stops() as stop:
+                 unit="step", dynamic_ncols=True) as bar, sigterm_stops() as stop, \
+            Trackers(t.report_to if d.main else (), out, cfg, first, ckpt is not None) as track, \
+            EnergyMeter(t, out, state, d.main, first) as energy:  # the training steps' kWh, paused for evaluation
         def write(record: dict) -> None:
             log.write(json.dumps(record) + "\n")
+            track(record)  # --report-to: TensorBoard / wandb / trackio get the same numbers
 
         def say(message: str) -> None:
             if d.main:
@@ -324,6 +329,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             def save_operator(k: int, op: LiGO, op_optimizer: torch.optim.Optimizer) -> None:
                 if not d.main:
                     return
+                energy.pause()  # resumed below: the operator's steps count, its checkpoint writes do not
                 log.flush()
                 run_state = {"stage": 0, "live_layers": m.layers, "counters": dict(state), "operator_step": k,
                              "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
@@ -333,14 +339,18 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 write({"event": "checkpoint", "step": 0, "operator_step": k, "path": str(path.relative_to(out)),
                        "bytes": size, "save_s": round(seconds, 3)})
                 log.flush()
+                energy.resume()
 
+            energy.resume()
             train_operator(LiGO(small, model, width_map(small.config, model.config, t.seed)), model, batches, method,
                            t, data.mlm, state, write, ckpt if in_operator else None, save_operator)
         model.to(d.device)
         if small is not None:  # where the grown model starts: its validation loss before any model update
+            energy.pause()
             state["val_loss"] = evaluate(model, valid, list(range(m.layers)), data.mlm, autocast)
             write({"event": "eval", "step": 0, "stage": 0, "live_layers": m.layers, "val_loss": state["val_loss"],
-                   "tokens": state["tokens"], "flops": state["flops"], "wall_s": round(state["wall_s"], 4)})
+                   "tokens": state["tokens"], "flops": state["flops"], "wall_s": round(state["wall_s"], 4),
+                   **energy.fields()})
             say(f"[{method.method}] grown from {method.small_model}: val loss {state['val_loss']:.4f}")
         optimizer = make_optimizer(model, t)
         if ckpt is not None and not in_operator:
@@ -352,6 +362,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
         step_flops = StepFlops(model.config)  # measures an unregistered architecture once, not every step
         check_all_used(method.growth, len(get_layers(model)), m.layers)
         for step in range(first, steps):
+            energy.resume()
             start = time.perf_counter()
             if schedule.stage_at(step) != stage:
                 stage = schedule.stage_at(step)
@@ -380,7 +391,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 group["lr"] = lr
             depths, loss_sum = [], 0.0
             for micro in range(accum):
-                depth = sampler(n_live)
+                depth = sampler.draw(n_live, step * accum + micro)
                 if t.check_ranks:
                     distributed.check_same(d, depth, f"the depth drawn at step {step}")
                 full = batches.batch(step * accum + micro)
@@ -427,15 +438,17 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                    **({} if finite else {"skipped": True})})
             if d.main and ((step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps):
                 # Validation always runs all L positions; before the last stage, through the current map.
+                energy.pause()
                 state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers), data.mlm,
                                              autocast)
                 write({"event": "eval", "step": step + 1, "stage": stage, "live_layers": n_live,
                        "val_loss": state["val_loss"], "tokens": state["tokens"], "flops": state["flops"],
-                       "wall_s": round(state["wall_s"], 4)})
+                       "wall_s": round(state["wall_s"], 4), **energy.fields()})
                 log.flush()
             preempted = stop.requested if not d.active else bool(distributed.all_sum(d, [int(stop.requested)])[0])
             due = t.checkpoint_every and (step + 1) % t.checkpoint_every == 0
             if d.main and (due or preempted) and step + 1 < steps:
+                energy.pause()
                 log.flush()
                 run_state = {"stage": stage, "live_layers": n_live, "counters": dict(state),
                              "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
@@ -464,7 +477,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     summary = {"method": method.method, "steps": steps, "tokens": state["tokens"], "flops": state["flops"],
                "wall_s": round(state["wall_s"], 3), "tokens_per_s": round(state["tokens"] / max(state["wall_s"], 1e-9)),
                "final_val_loss": state["val_loss"], "test_loss": test_loss, "data": data.source,
-               "layers": len(get_layers(model)), "processes": d.world}
+               "layers": len(get_layers(model)), "processes": d.world, **energy.summary()}
     if d.main:
         model.save_pretrained(out / "model")
         data.tokenizer.model_max_length = m.seq_len  # so users' tokenizer calls truncate to the position table

@@ -157,3 +157,32 @@ def test_grow_gives_zeroed_projections_empty_moments():
     model(input_ids=ids(), labels=ids()).loss.backward()
     new_opt.step()
     assert all(p.abs().sum() > 0 for p in get_layers(model)[4].mlp.c_proj.parameters())  # zeroed weights learn
+
+
+@pytest.mark.parametrize("kind,moments,new_layers", [("interpolation", "copy", "copy"), ("stacking", "copy", "copy"),
+                                                     ("interpolation", "reset", "copy"),
+                                                     ("interpolation", "copy", "zeroed")])
+def test_grow_in_place_equals_the_rebuild_in_weights_and_adamw_state(arch, kind, moments, new_layers):
+    """The Trainer's in-place growth (all slots allocated) and apollo train's rebuild give the same live layers,
+    the same AdamW state per live parameter, and leave the idle slots alone."""
+    from apollo.growth import grow_in_place
+
+    t = TrainConfig(lr=1e-3)
+    small, full = build_model(tiny_model_config(arch, layers=6), 3, seed=0), build_model(
+        tiny_model_config(arch, layers=6), 6, seed=0)
+    opt_s, opt_f = make_optimizer(small, t), make_optimizer(full, t)
+    for model, opt in ((small, opt_s), (full, opt_f)):
+        with shared_layers(model, [0, 1, 2]):
+            model(input_ids=ids(), labels=ids()).loss.backward()
+        opt.step()
+    idle = [p.detach().clone() for p in get_layers(full)[5].parameters()]
+    new_opt, source = grow(small, opt_s, 5, kind, moments, lambda m: make_optimizer(m, t), new_layers)
+    assert grow_in_place(full, opt_f, 3, 5, kind, moments, new_layers) == source
+    for a, b in zip(get_layers(small), list(get_layers(full))[:5], strict=True):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q)
+            assert new_opt.state.get(p, {}).keys() == opt_f.state.get(q, {}).keys()
+            for k, v in new_opt.state.get(p, {}).items():
+                assert torch.equal(v, opt_f.state[q][k])
+    assert all(torch.equal(p, q) for p, q in zip(get_layers(full)[5].parameters(), idle, strict=True))
+    assert all(p not in opt_f.state for p in get_layers(full)[5].parameters())

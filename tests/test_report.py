@@ -95,7 +95,8 @@ def test_report_dir_writes_table_csv_plots_and_depths(runs, tmp_path):
         csv_rows = {r["method"]: r for r in csv.DictReader(f)}
     assert list(next(iter(csv_rows.values()))) == [
         "method", "final_val_loss", "test_loss", "total_flops", "wall_s", "tokens_per_s", "flops_to_target",
-        "wall_s_to_target", "flops_saving", "wall_saving"]
+        "wall_s_to_target", "flops_saving", "wall_saving", "energy_kwh", "energy_kwh_to_target", "emissions_kg",
+        "energy_method"]  # energy: empty without --energy (tests/test_energy.py)
     assert float(csv_rows["apollo-es"]["flops_saving"]) == pytest.approx(0.625)
     assert csv_rows["apollo-es"]["test_loss"] == "" and float(csv_rows["scratch"]["test_loss"]) == 2.95
     for name in ("loss_vs_flops.png", "loss_vs_wall.png", "depth_apollo-es.png"):

@@ -73,3 +73,17 @@ def test_unknown_sampler_is_a_user_error():
         DepthSampler("lvsp", 12, 0)
     with pytest.raises(ApolloError):
         depth_distribution("nope", 1, 12)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_draw_by_index_equals_the_sequential_stream_across_stages(sampler):
+    """draw(n_live, i) is draw i of the stream, whatever came before: a resumed run or a Trainer jumping to a step
+    (even into a later stage) gets the depths an uninterrupted run drew."""
+    stage = [1] * 30 + [3] * 30 + [6] * 40 + [12] * 20
+    seq = DepthSampler(sampler, 12, seed=5)
+    stream = [seq.draw(n, i) for i, n in enumerate(stage)]
+    ref = DepthSampler(sampler, 12, seed=5)
+    assert stream == [ref(n) for n in stage]
+    jumper = DepthSampler(sampler, 12, seed=5)
+    for i in [77, 3, 64, 65, 0, 119, 31]:
+        assert jumper.draw(stage[i], i) == stream[i]
