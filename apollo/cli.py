@@ -83,11 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_flags(finetune)
     evaluate = sub.add_parser("evaluate", help="fine-tune several runs on several tasks and seeds: a Table-4 table")
     evaluate.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR")
-    evaluate.add_argument("--tasks", default="sst2,mrpc,rte,stsb", help="comma-separated tasks")
+    evaluate.add_argument("--tasks", default="sst2,mrpc,rte,stsb",
+                          help="comma-separated tasks; blimp: zero-shot BLiMP accuracy (no fine-tuning)")
     evaluate.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
     evaluate.add_argument("--lm-test", nargs="+", default=(), metavar="FILE",
                           help="also report each run's LM perplexity on these text files")
     evaluate.add_argument("--out", default="runs/evaluate", help="results directory (finished fine-tunes are kept)")
+    evaluate.add_argument("--blimp-dir", default="", metavar="DIR",
+                          help="blimp: BLiMP's folder of paradigm NAME.jsonl files (with models_summary.reference"
+                               ".jsonl beside them for the authors' figures), or 'hub' to download it with datasets")
+    evaluate.add_argument("--max-pairs", type=int, default=0, metavar="N",
+                          help="blimp: a fixed seeded sample of N pairs per paradigm (0 = all)")
     _add_finetune_flags(evaluate)
     return parser
 
@@ -122,10 +128,12 @@ def _downstream(args: argparse.Namespace) -> None:
     except ValueError:
         raise ApolloError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if (args.blimp_dir or args.max_pairs) and "blimp" not in tasks:
+        raise ApolloError("--blimp-dir and --max-pairs apply only with blimp in --tasks")
     out = Path(args.out)
     table = evaluate_runs([Path(r) for r in args.runs], tasks, seeds, _finetune_config(args, "", 0), out,
-                          list(args.lm_test))
-    print(table + f"\nwrote {out}/results.md, results.csv")
+                          list(args.lm_test), blimp_dir=args.blimp_dir, max_pairs=args.max_pairs)
+    print(table + f"\nwrote {out}/results.md, results.csv" + (", blimp.md, blimp.csv" if "blimp" in tasks else ""))
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:

@@ -5,7 +5,8 @@
 stopping on its headline metric, and the test split scored once with the best dev weights. Tasks whose test
 labels are hidden (SST-2, WNLI, SQuAD) are scored on their official dev split, and a dev split of ``dev_size``
 examples is held out of train for early stopping instead, so no reported number was used for model selection.
-``evaluate_runs`` repeats that for every run x task x seed and writes the table.
+``evaluate_runs`` repeats that for every run x task x seed and writes the table; its task ``blimp`` is zero-shot
+(``apollo.blimp``: no fine-tuning, one score per run).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from .glue import GLUE_TASKS, Example, glue_metrics, hub_splits, tsv_splits
 from .models import is_masked, max_tokens
 
 TASKS = (*GLUE_TASKS, *squad.SQUAD_TASKS)
-HEADLINE = {**{name: t.metrics[0] for name, t in GLUE_TASKS.items()}, "squad": "f1", "squad_v2": "f1"}
+BLIMP = "blimp"  # zero-shot, in evaluate only (apollo.blimp)
+HEADLINE = {**{name: t.metrics[0] for name, t in GLUE_TASKS.items()}, "squad": "f1", "squad_v2": "f1",
+            BLIMP: "accuracy"}
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,8 @@ def _scorer(cfg: FinetuneConfig, tok, splits: dict):
 def finetune(run: Path, cfg: FinetuneConfig, out: Path | None = None, log=print) -> dict:
     """Fine-tune ``run``'s model on ``cfg.task``; returns (and writes to ``out/result.json``) the metrics."""
     if cfg.task not in TASKS:
-        raise ApolloError(f"unknown task {cfg.task!r} (choose from {', '.join(TASKS)})")
+        hint = "; blimp is zero-shot: apollo evaluate --tasks blimp" if cfg.task == BLIMP else ""
+        raise ApolloError(f"unknown task {cfg.task!r} (choose from {', '.join(TASKS)}{hint})")
     for name in ("epochs", "batch_size", "max_length"):
         if getattr(cfg, name) < 1:
             raise ApolloError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -313,26 +317,29 @@ def _mean_std(values: list[float]) -> str:
 
 
 def write_table(results: list[dict], tasks: list[str], out: Path, ppl: dict[str, float] | None = None) -> str:
-    """Markdown (mean ± std over seeds of each task's headline test metric, and their average) and a long CSV."""
+    """Markdown (mean ± std over seeds of each task's headline test metric, and their average over the fine-tuned
+    tasks; BLiMP's zero-shot accuracy is a column outside the average) and a long CSV."""
     out.mkdir(parents=True, exist_ok=True)
     labels = list(dict.fromkeys(r["label"] for r in results))
-    head = [f"{t} ({HEADLINE[t]})" for t in tasks]
-    lines = ["| method | " + " | ".join(head) + " | average |" + (" LM perplexity |" if ppl else ""),
-             "|---" * (len(tasks) + 2 + bool(ppl)) + "|"]
+    tuned = [t for t in tasks if t != BLIMP]
+    head = [f"{t} ({HEADLINE[t]})" for t in tasks] + (["average"] if tuned else [])
+    lines = ["| method | " + " | ".join(head) + " |" + (" LM perplexity |" if ppl else ""),
+             "|---" * (len(head) + 1 + bool(ppl)) + "|"]
     for label in labels:
         cells, means = [], []
         for t in tasks:
             values = [r["test"][r["metric"]] for r in results if r["label"] == label and r["task"] == t]
             cells.append(_mean_std(values) if values else "–")
-            means += [float(np.mean(values))] if values else []
-        avg = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–"
+            means += [float(np.mean(values))] if values and t != BLIMP else []
+        if tuned:
+            cells.append(f"{np.mean(means):.1f}" if len(means) == len(tuned) else "–")
         extra = f" {ppl[label]:.1f} |" if ppl else ""
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |" + extra)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |" + extra)
     table = "\n".join(lines)
-    seeds = sorted({r["seed"] for r in results})
+    seeds = sorted({r["seed"] for r in results if r["task"] != BLIMP})
     splits = {r["task"]: r["splits"] for r in results}
     notes = [f"Test-split metrics x100, mean ± std over seeds {', '.join(map(str, seeds))}; "
-             f"each run fine-tuned with the same hyper-parameters and seeds; early stopping on dev."]
+             f"each run fine-tuned with the same hyper-parameters and seeds; early stopping on dev."] if tuned else []
     notes += [f"- {t}: {splits[t]}" for t in tasks if t in splits]
     (out / "results.md").write_text(table + "\n\n" + "\n".join(notes) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
@@ -352,12 +359,14 @@ def _same_settings(saved: dict | None, wanted: dict) -> bool:
 
 
 def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: FinetuneConfig, out: Path,
-                  lm_test: list[str] = (), log=print) -> str:
+                  lm_test: list[str] = (), log=print, blimp_dir: str = "", max_pairs: int = 0) -> str:
     """Fine-tune every run on every task with every seed and write the table. Finished fine-tunes in ``out`` with
-    the same settings (any thread count) are kept, so an interrupted evaluation resumes."""
-    unknown = [t for t in tasks if t not in TASKS]
+    the same settings (any thread count) are kept, so an interrupted evaluation resumes. Task ``blimp`` scores each
+    run zero-shot on the BLiMP files in ``blimp_dir`` (``max_pairs`` per paradigm; apollo.blimp) and also writes
+    ``blimp.md`` / ``blimp.csv``."""
+    unknown = [t for t in tasks if t not in (*TASKS, BLIMP)]
     if unknown:
-        raise ApolloError(f"unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
+        raise ApolloError(f"unknown task {unknown[0]!r} (choose from {', '.join((*TASKS, BLIMP))})")
     if not runs or not tasks or not seeds:
         raise ApolloError("evaluate needs at least one run, one task and one seed")
     labels = {}
@@ -367,9 +376,14 @@ def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: Fin
         labels[run] = label if label not in labels.values() else f"{label} ({run.name})"
     if len(set(labels.values())) < len(labels):
         raise ApolloError("two runs have the same method and directory name; pass distinct run directories")
+    if BLIMP in tasks:
+        from . import blimp
+
+        paradigms = blimp.load(blimp_dir, max_pairs)  # fail before any training
+        ref = blimp.reference(blimp_dir, paradigms)
     results = []
     for run, label in labels.items():
-        for task in tasks:
+        for task in (t for t in tasks if t != BLIMP):
             for seed in seeds:
                 where = out / label.replace(" ", "_").replace("(", "").replace(")", "") / f"{task}-s{seed}"
                 ft = FinetuneConfig(**{**asdict(cfg), "task": task, "seed": seed})
@@ -380,5 +394,9 @@ def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: Fin
                     log(f"fine-tuning {label} on {task}, seed {seed}")
                     result = finetune(run, ft, where, log=log)
                 results.append(result | {"label": label})
+    if BLIMP in tasks:
+        zero_shot = blimp.evaluate(labels, paradigms, out, ref, cfg.threads, log)
+        blimp.write_tables(zero_shot, paradigms, ref, out)
+        results += zero_shot
     ppl = {label: lm_perplexity(run, list(lm_test)) for run, label in labels.items()} if lm_test else None
     return write_table(results, tasks, out, ppl)
