@@ -233,8 +233,9 @@ def report(out: Path, title: str) -> str:
               "| saving incl. small model |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (methods.index(r["method"]), r["schedule"], r["lr"], r["seed"])):
         src = r["source_flops"] is not None
+        source = f"{r['source_flops'] / 1e12:.2f}" if src else "–"
         lines.append(f"| {r['method']} | {r['lr']:g} | {r['schedule']} | {r['seed']} | {r['final_val_loss']:.4f} | "
-                     f"{r['flops'] / 1e12:.2f} | {r['source_flops'] / 1e12 if src else 0:.2f} | "
+                     f"{r['flops'] / 1e12:.2f} | {source} | "
                      f"{pct(r['flops_saving'])} | {pct(r['saving_with_source']) if src else '–'} |")
     text = "\n".join(lines) + "\n"
     (out / "tune.md").write_text(text, encoding="utf-8")
