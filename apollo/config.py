@@ -48,15 +48,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    method: str = _f("apollo", "scratch | stackbert | apollo | apollo-plus | bert2bert | ligo")
+    method: str = _f("apollo", "scratch | stackbert | apollo | apollo-plus | bert2bert | ligo | zero-layer | "
+                               "one-layer | gstack | midas (apollo.methods.METHOD_TABLE)")
     stages: tuple[int, ...] = _f((), "live layers per stage; empty = the method's default")
     switch: tuple[float, ...] = _f((), "where each later stage starts; empty = the method's default")
     switch_unit: str = _f("fraction", "fraction (of the run) | step | epoch")
     sampler: str = _f("", "lvps | es | us | fs | none; empty = the method's default")
-    growth: str = _f("", "interpolation | stacking; empty = the method's default")
-    moments: str = _f("copy", "AdamW state of new layers: copy (from the source layer) | reset")
+    growth: str = _f("", "interpolation | stacking | middle (MIDAS); empty = the method's default")
+    moments: str = _f("", "AdamW state of new layers: copy (from the source layer) | reset; empty = the method's "
+                          "default")
     new_layers: str = _f("", "copy | zeroed (repeat copies start with zeroed residual outputs: function-"
-                             "preserving growth); empty = the method's default")
+                             "preserving growth) | random (repeat copies are fresh layers of the L-layer init); "
+                             "empty = the method's default")
     rewarm: float = _f(-1.0, "after each growth, ramp the LR up again over this fraction of the run "
                              "(0 = off; negative = the method's default)")
     small_model: str = _f("", "bert2bert / ligo: the trained smaller run (its directory) to grow from")

@@ -17,6 +17,10 @@ through the live layers, no sharing); in the spirit of MSG / LEMON, but the zero
 source's attention and MLP input weights, so it starts from learned features rather than noise.
 For post-LN BERT the zeroed layer still applies its LayerNorms, so growth is close to, not exactly,
 function-preserving.
+
+``new_layers="random"`` (zero/one-layer expansion, Bu 2025): every repeat copy is replaced by the freshly
+initialised layer at its position of the L-layer init (the layers Scratch starts from); growth from zero
+layers makes every layer fresh. Fresh layers start with empty AdamW state.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from torch import nn
 from .config import ApolloError
 from .models import depth_state, get_layers, layer_path, renumber_layers, residual_outputs, set_layers
 
-GROWTH = ("interpolation", "stacking")
+GROWTH = ("interpolation", "stacking", "middle")
 MOMENTS = ("copy", "reset")
-NEW_LAYERS = ("copy", "zeroed")
+NEW_LAYERS = ("copy", "zeroed", "random")
+FRESH = -1  # the source of a freshly initialised layer (new_layers="random")
 
 
 def interpolation_map(n_live: int, depth: int) -> list[int]:
@@ -55,12 +60,41 @@ def stacking_map(n_live: int, depth: int) -> list[int]:
     return [j % n_live for j in range(full * n_live)] + list(range(n_live - rest, n_live))
 
 
+def middle_map(n_live: int, depth: int) -> list[int]:
+    """MIDAS (Saunshi et al. 2024): the layers form blocks of ``k = depth - n_live``; block ``ceil(n / 2)``
+    (1-based, ``n = n_live / k`` blocks) is duplicated and the copy inserted right after it. ``k > n_live``
+    repeats the rule on the result (its layers keep their live sources).
+
+    ``(4, 6) -> [0,1,0,1,2,3]``, ``(6, 8) -> [0,1,2,3,2,3,4,5]``, ``(6, 9) -> [0,1,2,0,1,2,3,4,5]``,
+    ``(3, 6) -> [0,1,2,0,1,2]`` (= stacking). Order is kept and every live layer runs, as with the other maps.
+    """
+    positions = list(range(n_live))
+    while len(positions) < depth:
+        k = min(depth - len(positions), len(positions))
+        start = min((-(-len(positions) // (2 * k)) - 1) * k, len(positions) - k)  # (ceil(n / 2) - 1) * k
+        positions = positions[:start + k] + positions[start:]
+    return positions
+
+
+_MAPS = {"interpolation": interpolation_map, "stacking": stacking_map, "middle": middle_map}
+
+
 def layer_map(kind: str, n_live: int, depth: int) -> list[int]:
+    """Position ``j`` of a ``depth``-deep pass over ``n_live`` live layers runs live layer ``map[j]`` (also the
+    expansion map ``n_live -> depth``). A zero-layer model has the empty map at depth 0 and no other."""
     if kind not in GROWTH:
         raise ApolloError(f"unknown growth {kind!r} (choose from {', '.join(GROWTH)})")
+    if n_live == depth == 0:
+        return []
     if not 1 <= n_live <= depth:
         raise ApolloError(f"cannot map {n_live} live layers onto depth {depth}")
-    return (interpolation_map if kind == "interpolation" else stacking_map)(n_live, depth)
+    return _MAPS[kind](n_live, depth)
+
+
+def eval_map(kind: str, n_live: int, depth: int) -> list[int]:
+    """The positions validation runs: all ``depth`` of them through the current map, or none for a model with
+    no live layer yet (zero-layer expansion: embeddings and head only)."""
+    return layer_map(kind, n_live, depth) if n_live else []
 
 
 @contextlib.contextmanager
@@ -85,17 +119,37 @@ def zeroed_params(model: nn.Module, layers: nn.ModuleList, source: list[int]) ->
             for proj in residual_outputs(model, layers[j]) for p in proj.parameters(recurse=False)]
 
 
-def expand_layers(model: nn.Module, n_new: int, kind: str, new_layers: str = "copy") -> list[int]:
-    """Replace the ``N_old`` live layers by ``n_new`` deep copies; return the source of each new layer.
+def expansion_source(kind: str, n_old: int, n_new: int, new_layers: str) -> list[int]:
+    """The source of each of the ``n_new`` layers: ``layer_map``, with every repeat copy ``FRESH`` under
+    ``new_layers="random"`` (and every layer, growing from zero layers)."""
+    if n_old == 0:
+        if new_layers != "random":
+            raise ApolloError("growth from zero layers has no layer to copy: it needs --new-layers random")
+        return [FRESH] * n_new
+    source = layer_map(kind, n_old, n_new)
+    if new_layers == "random":
+        source = [FRESH if i in source[:j] else i for j, i in enumerate(source)]
+    return source
+
+
+def expand_layers(model: nn.Module, n_new: int, kind: str, new_layers: str = "copy",
+                  fresh: Callable[[], nn.ModuleList] | None = None) -> list[int]:
+    """Replace the ``N_old`` live layers by ``n_new`` new ones; return the source of each (``FRESH``: new init).
 
     With ``new_layers="zeroed"`` each repeat copy (not the first copy of its source) gets zero
-    residual-branch outputs. This runs on fresh modules before any optimizer sees them.
+    residual-branch outputs; with ``"random"`` it is layer ``j`` of ``fresh()`` (the L-layer init's layers).
+    This runs on fresh modules before any optimizer sees them.
     """
     if new_layers not in NEW_LAYERS:
         raise ApolloError(f"unknown new-layers policy {new_layers!r} (choose from {', '.join(NEW_LAYERS)})")
     live = get_layers(model)
-    source = layer_map(kind, len(live), n_new)
-    new = nn.ModuleList([copy.deepcopy(live[i]) for i in source])
+    source = expansion_source(kind, len(live), n_new, new_layers)
+    if FRESH in source and fresh is None:
+        raise ApolloError("new_layers='random' needs the fresh layers of the L-layer init (fresh=...)")
+    init = fresh() if FRESH in source else None
+    if init is not None and len(init) < n_new:
+        raise ApolloError(f"{len(init)} fresh layers cannot fill {n_new} positions")
+    new = nn.ModuleList([copy.deepcopy(live[i] if i != FRESH else init[j]) for j, i in enumerate(source)])
     if new_layers == "zeroed":
         with torch.no_grad():
             for p in zeroed_params(model, new, source):
@@ -113,25 +167,26 @@ def _source_name(name: str, prefix: str, source: list[int]) -> str:
 
 
 def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: str, moments: str,
-         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-         new_layers: str = "copy") -> tuple[torch.optim.Optimizer, list[int]]:
+         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], new_layers: str = "copy",
+         fresh: Callable[[], nn.ModuleList] | None = None) -> tuple[torch.optim.Optimizer, list[int]]:
     """Expand the live layers to ``n_new`` and rebuild the optimizer over the new parameters.
 
     ``moments='copy'``: each new layer's AdamW state (step, exp_avg, exp_avg_sq) is a copy of its
     source layer's; ``'reset'``: new layers start with empty state. Non-layer parameters (embeddings,
     head) are the same objects and keep their state. Zeroed projections (``new_layers="zeroed"``) always
-    start with empty state: their source's moments describe a weight they no longer hold. Returns the new
-    optimizer and the source map.
+    start with empty state: their source's moments describe a weight they no longer hold; so do fresh layers
+    (``new_layers="random"``, built by ``fresh``). Returns the new optimizer and the source map.
     """
     if moments not in MOMENTS:
         raise ApolloError(f"unknown moments policy {moments!r} (choose from {', '.join(MOMENTS)})")
     prefix = layer_path(model) + "."
     old_state = {name: optimizer.state.get(p, {}) for name, p in model.named_parameters()}
-    source = expand_layers(model, n_new, kind, new_layers)
+    source = expand_layers(model, n_new, kind, new_layers, fresh)
     zeroed = {id(p) for p in zeroed_params(model, get_layers(model), source)} if new_layers == "zeroed" else set()
     new_optimizer = make_optimizer(model)
     for name, p in model.named_parameters():
-        if name.startswith(prefix) and (moments == "reset" or id(p) in zeroed):
+        if name.startswith(prefix) and (moments == "reset" or id(p) in zeroed
+                                        or source[int(name[len(prefix):].split(".", 1)[0])] == FRESH):
             continue
         state = old_state.get(_source_name(name, prefix, source), {})
         if state:
@@ -150,8 +205,8 @@ def grow_in_place(model: nn.Module, optimizer: torch.optim.Optimizer, n_old: int
     Returns the source map. Slots ``>= n_new`` are untouched."""
     if moments not in MOMENTS:
         raise ApolloError(f"unknown moments policy {moments!r} (choose from {', '.join(MOMENTS)})")
-    if new_layers not in NEW_LAYERS:
-        raise ApolloError(f"unknown new-layers policy {new_layers!r} (choose from {', '.join(NEW_LAYERS)})")
+    if new_layers not in NEW_LAYERS or new_layers == "random":
+        raise ApolloError(f"in-place growth takes new-layers policy copy or zeroed, not {new_layers!r}")
     slots = get_layers(model)
     if not 1 <= n_old < n_new <= len(slots):
         raise ApolloError(f"cannot grow {n_old} -> {n_new} live layers in a model with {len(slots)} slots")

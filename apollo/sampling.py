@@ -74,6 +74,8 @@ def _inverse(sampler: str, y: float, n_live: int, depth: int) -> float:
 def sample_depths(sampler: str, n_live: int, depth: int, generator: torch.Generator, size: int = 1) -> torch.Tensor:
     """``size`` depth draws for a stage with ``n_live`` live layers and target depth ``depth`` (L)."""
     _check(sampler)
+    if sampler == "none" and n_live == 0:  # zero-layer stage: embeddings and head only
+        return torch.zeros(size, dtype=torch.long)
     if not 1 <= n_live <= depth:
         raise ApolloError(f"live layers {n_live} must be in [1, {depth}]")
     if sampler == "fs":

@@ -36,11 +36,12 @@ class Schedule:
 
 
 def check_stages(stages: tuple[int, ...], switch: tuple[float, ...], unit: str, depth: int) -> None:
-    """The checks that need no run length: stages increasing from >= 1 to the depth, one switch per boundary."""
+    """The checks that need no run length: stages increasing from >= 1 to the depth (or from 0 before a later
+    stage: zero-layer expansion), one switch per boundary."""
     if not stages:
         raise ApolloError("stages must not be empty")
-    if stages[0] < 1:
-        raise ApolloError(f"stages must start at >= 1 live layer, got {list(stages)}")
+    if stages[0] < (0 if len(stages) > 1 else 1):
+        raise ApolloError(f"stages must start at >= 1 live layer (0 only before a later stage), got {list(stages)}")
     if any(b <= a for a, b in zip(stages, stages[1:], strict=False)):
         raise ApolloError(f"stages must be strictly increasing, got {list(stages)}")
     if stages[-1] != depth:

@@ -32,7 +32,7 @@ from .config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, co
 from .data import Batches, LMData, load_lm_data, valid_batches
 from .energy import EnergyMeter
 from .flops import StepFlops, train_flops
-from .growth import grow, layer_map, shared_layers
+from .growth import eval_map, grow, layer_map, shared_layers
 from .ligo import LiGO, merge, operator_loss
 from .lr_schedule import lr_at
 from .memory import check_fits
@@ -80,8 +80,8 @@ def total_steps(t: TrainConfig, seq_len: int, steps_per_epoch: int, world: int =
 
 def check_all_used(growth: str, n_live: int, depth: int) -> None:
     """Every live layer must run at every depth the sampler can draw (N_s..L): DDP would wait forever for the
-    gradient of an unused one. True of both layer maps (tests/test_properties.py); checked at each stage."""
-    for d in range(n_live, depth + 1):
+    gradient of an unused one. True of every layer map (tests/test_properties.py); checked at each stage."""
+    for d in range(max(1, n_live), depth + 1) if n_live else ():
         if set(layer_map(growth, n_live, d)) != set(range(n_live)):
             raise ApolloError(f"depth {d} leaves live layers unused under {growth} growth")
 
@@ -360,6 +360,11 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             compile_layers(model)
         wrapped = distributed.wrap(LMLoss(model, data.mlm), d)
         step_flops = StepFlops(model.config)  # measures an unregistered architecture once, not every step
+
+        def fresh() -> nn.ModuleList:  # new_layers="random": the layers of the L-layer init Scratch starts from
+            with torch.random.fork_rng(devices=[]):  # leaves the run's random stream where it was
+                return get_layers(build_model(m, m.layers, t.seed)).to(d.device)
+
         check_all_used(method.growth, len(get_layers(model)), m.layers)
         for step in range(first, steps):
             energy.resume()
@@ -368,9 +373,9 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
                 stage = schedule.stage_at(step)
                 n_old = len(get_layers(model))
                 if on_grow:
-                    on_grow("before", step, model, layer_map(method.growth, n_old, m.layers))
+                    on_grow("before", step, model, eval_map(method.growth, n_old, m.layers))
                 optimizer, source = grow(model, optimizer, schedule.stages[stage], method.growth, method.moments,
-                                         lambda mod: make_optimizer(mod, t), method.new_layers)
+                                         lambda mod: make_optimizer(mod, t), method.new_layers, fresh=fresh)
                 write({"event": "grow", "step": step, "from": n_old, "to": schedule.stages[stage],
                        "growth": method.growth, "source": source, "moments": method.moments,
                        "new_layers": method.new_layers})
@@ -439,7 +444,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
             if d.main and ((step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps):
                 # Validation always runs all L positions; before the last stage, through the current map.
                 energy.pause()
-                state["val_loss"] = evaluate(model, valid, layer_map(method.growth, n_live, m.layers), data.mlm,
+                state["val_loss"] = evaluate(model, valid, eval_map(method.growth, n_live, m.layers), data.mlm,
                                              autocast)
                 write({"event": "eval", "step": step + 1, "stage": stage, "live_layers": n_live,
                        "val_loss": state["val_loss"], "tokens": state["tokens"], "flops": state["flops"],
@@ -472,7 +477,7 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
         test_loss = None
         if d.main and data.test is not None:  # scored once, at the end, on every test block, full-depth map
             test = valid_batches(data.test, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0, 0)
-            test_loss = evaluate(model, test, layer_map(method.growth, n_live, m.layers), data.mlm, autocast)
+            test_loss = evaluate(model, test, eval_map(method.growth, n_live, m.layers), data.mlm, autocast)
             write({"event": "test", "step": steps, "test_loss": test_loss, "blocks": len(data.test)})
     summary = {"method": method.method, "steps": steps, "tokens": state["tokens"], "flops": state["flops"],
                "wall_s": round(state["wall_s"], 3), "tokens_per_s": round(state["tokens"] / max(state["wall_s"], 1e-9)),

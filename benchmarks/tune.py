@@ -61,7 +61,8 @@ def base_config(args: argparse.Namespace) -> RunConfig:
     t = dataclasses.replace(cfg.train, tokens=args.tokens, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
                             threads=args.threads, progress=False, checkpoint_every=args.checkpoint_every,
                             keep_checkpoints=1, **({"batch_size": args.batch_size} if args.batch_size else {}),
-                            **({"warmup": args.warmup} if args.warmup is not None else {}))
+                            **({"warmup": args.warmup} if args.warmup is not None else {}),
+                            **({"decay_fraction": args.decay_fraction} if args.decay_fraction is not None else {}))
     d = Path(args.data_dir)
     data = DataConfig(data=(str(d / FILES["train"]),), valid=(str(d / FILES["valid"]),))
     return dataclasses.replace(cfg, model=m, train=t, data=data, out="")
@@ -271,6 +272,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=0, help="override the preset's width (ffn 4x, heads h/32)")
     ap.add_argument("--batch-size", type=int, default=0, help="override the preset's micro-batch")
     ap.add_argument("--warmup", type=float, default=None, help="override the preset's warmup fraction")
+    ap.add_argument("--decay-fraction", type=float, default=None,
+                    help="override WSD's decay fraction (0.2; zero/one-layer's paper decays over the last 10%%)")
     ap.add_argument("--methods", default="scratch,stackbert,apollo,apollo-plus",
                     help="comma list of wikitext.py variants: " + ", ".join(VARIANTS))
     ap.add_argument("--lrs", default="5e-4,1e-3,2e-3,4e-3", help="peak learning rates of the grid")

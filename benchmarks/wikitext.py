@@ -78,6 +78,11 @@ VARIANTS = {
     "bert2bert": MethodConfig("bert2bert"),
     "bert2bert-fpi": MethodConfig("bert2bert", width_init="fpi"),
     "ligo": MethodConfig("ligo"),
+    # Issue 18: the 2024-2026 growth methods.
+    "zero-layer": MethodConfig("zero-layer"),
+    "one-layer": MethodConfig("one-layer"),
+    "gstack": MethodConfig("gstack"),
+    "midas": MethodConfig("midas"),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
