@@ -201,21 +201,29 @@ def grow_in_place(model: nn.Module, optimizer: torch.optim.Optimizer, n_old: int
     are live; afterwards slot ``j < n_new`` holds a copy of old slot ``source[j]`` (the same ``layer_map``),
     weights **and** AdamW state copied between existing parameters, so the optimizer, LR scheduler and a DDP
     wrapper built over all slots stay valid. The state policy is ``grow``'s: ``copy`` gives each new slot its
-    source's state, ``reset`` empties every live slot's, zeroed projections always start empty.
+    source's state, ``reset`` empties every live slot's, zeroed projections always start empty. A fresh layer
+    (``new_layers="random"``) is the idle slot's own init, untouched since the model was built, with empty state.
     Returns the source map. Slots ``>= n_new`` are untouched."""
     if moments not in MOMENTS:
         raise ApolloError(f"unknown moments policy {moments!r} (choose from {', '.join(MOMENTS)})")
-    if new_layers not in NEW_LAYERS or new_layers == "random":
-        raise ApolloError(f"in-place growth takes new-layers policy copy or zeroed, not {new_layers!r}")
+    if new_layers not in NEW_LAYERS:
+        raise ApolloError(f"unknown new-layers policy {new_layers!r} (choose from {', '.join(NEW_LAYERS)})")
     slots = get_layers(model)
-    if not 1 <= n_old < n_new <= len(slots):
+    if not 0 <= n_old < n_new <= len(slots):
         raise ApolloError(f"cannot grow {n_old} -> {n_new} live layers in a model with {len(slots)} slots")
-    source = layer_map(kind, n_old, n_new)
+    source = expansion_source(kind, n_old, n_new, new_layers)
+    if any(i == FRESH and j < n_old for j, i in enumerate(source)):
+        raise ApolloError(f"in-place growth {n_old} -> {n_new} would need a fresh layer in a trained slot; "
+                          "--new-layers random grows in place only into idle slots")
     # A snapshot of the old live layers first: a slot can be both a copy's target and another copy's source.
     tensors = [{k: v.clone() for k, v in slots[i].state_dict().items()} for i in range(n_old)]
     states = [[{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
                for p in slots[i].parameters()] for i in range(n_old)]
     for j, i in enumerate(source):
+        if i == FRESH:  # an idle slot: its init weights stay, its (empty) state is cleared to be sure
+            for p in slots[j].parameters():
+                optimizer.state.pop(p, None)
+            continue
         slots[j].load_state_dict(tensors[i])
         for p, state in zip(slots[j].parameters(), states[i], strict=True):
             optimizer.state.pop(p, None)

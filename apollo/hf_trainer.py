@@ -26,7 +26,7 @@ from transformers import Trainer
 
 from .config import ApolloError, MethodConfig
 from .flops import StepFlops
-from .growth import grow_in_place, layer_map, shared_layers
+from .growth import eval_map, grow_in_place, layer_map, shared_layers
 from .methods import FROM_SMALL, resolve_method
 from .models import get_layers, is_masked, lm_loss
 from .sampling import DepthSampler
@@ -52,6 +52,9 @@ class ApolloTrainer(Trainer):
         self._check_supported(apollo or ApolloConfig("apollo"))
         self.depth = len(get_layers(self.model))
         self.method = resolve_method(apollo or ApolloConfig("apollo"), self.depth)
+        if self.method.rewarm > 0:  # a method's default (gstack) as well as an explicit one
+            raise ApolloError(f"ApolloTrainer does not support rewarm ({self.method.method} uses "
+                              f"{self.method.rewarm}; pass rewarm=0 to train without it)")
         self.mlm = is_masked(self.model.config.model_type)
         self.sampler = DepthSampler(self.method.sampler, self.depth, self.args.seed)
         self.step_flops = StepFlops(self.model.config)
@@ -69,7 +72,7 @@ class ApolloTrainer(Trainer):
         refused = [("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled),
                    ("torch_compile", a.torch_compile), ("ddp_find_unused_parameters=False",
                                                         a.ddp_find_unused_parameters is False),
-                   (f"method={apollo.method}", apollo.method in FROM_SMALL), ("rewarm", apollo.rewarm > 0)]
+                   (f"method={apollo.method}", apollo.method in FROM_SMALL)]
         for what, bad in refused:
             if bad:
                 raise ApolloError(f"ApolloTrainer does not support {what} (see the README's Trainer section)")
@@ -115,7 +118,9 @@ class ApolloTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         core = self.accelerator.unwrap_model(model)
         depth = self._last[0] if model.training else self.depth  # evaluation runs every position, like ours
-        with shared_layers(core, layer_map(self.method.growth, self.n_live, depth)):
+        positions = layer_map(self.method.growth, self.n_live, depth) if model.training else \
+            eval_map(self.method.growth, self.n_live, depth)
+        with shared_layers(core, positions):
             if model.training and model is core and not return_outputs:
                 loss = lm_loss(core, inputs, self.mlm)  # apollo's loss: an MLM head only at masked positions
                 head = int((inputs["labels"] != -100).sum()) if self.mlm else inputs["input_ids"].numel()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from apollo.config import TrainConfig
+from apollo.config import ApolloError, TrainConfig
 from apollo.growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
 from apollo.models import ADAPTERS, build_model, get_layers
 from apollo.train import make_optimizer
@@ -186,3 +186,27 @@ def test_grow_in_place_equals_the_rebuild_in_weights_and_adamw_state(arch, kind,
                 assert torch.equal(v, opt_f.state[q][k])
     assert all(torch.equal(p, q) for p, q in zip(get_layers(full)[5].parameters(), idle, strict=True))
     assert all(p not in opt_f.state for p in get_layers(full)[5].parameters())
+
+
+@pytest.mark.parametrize("n_old, kind", [(0, "interpolation"), (1, "interpolation"), (2, "middle")])
+def test_grow_in_place_into_idle_slots_equals_the_rebuild_with_fresh_layers(arch, n_old, kind):
+    """new_layers="random": the rebuild takes fresh layers from the L-layer init; in place they are the idle
+    slots' own init. Both give the same layers and AdamW state; a fresh layer in a trained slot is refused."""
+    from apollo.growth import FRESH, grow_in_place
+
+    t, cfg = TrainConfig(lr=1e-3), tiny_model_config(arch, layers=4)
+    small, full = build_model(cfg, n_old, seed=0), build_model(cfg, 4, seed=0)
+    opt_s, opt_f = make_optimizer(small, t), make_optimizer(full, t)
+    for model, opt in ((small, opt_s), (full, opt_f)):
+        with shared_layers(model, list(range(n_old))):
+            model(input_ids=ids(), labels=ids()).loss.backward()
+        opt.step()
+    new_opt, source = grow(small, opt_s, 4, kind, "copy", lambda m: make_optimizer(m, t), "random",
+                           fresh=lambda: get_layers(build_model(cfg, 4, seed=0)))
+    assert grow_in_place(full, opt_f, n_old, 4, kind, "copy", "random") == source and FRESH in source
+    for a, b in zip(get_layers(small), get_layers(full), strict=True):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q) and new_opt.state.get(p, {}).keys() == opt_f.state.get(q, {}).keys()
+    if n_old == 2:
+        with pytest.raises(ApolloError, match="trained slot"):
+            grow_in_place(full, opt_f, 2, 3, "interpolation", "copy", "random")  # source [0, FRESH, 1]

@@ -23,11 +23,11 @@ STEPS, ACCUM, BATCH = 12, 2, 4
 METHOD = {"stages": (1, 3, 6), "switch": (4, 8), "switch_unit": "step"}  # growths at steps 4 and 8
 
 
-def ours(tmp_path, arch: str, method: str):
+def ours(tmp_path, arch: str, method: str, knobs: dict = METHOD):
     """apollo train at a constant LR (warmup 1 step = none, min_lr_ratio 1), the Trainer's 'constant' schedule."""
     t = TrainConfig(batch_size=BATCH, grad_accum=ACCUM, steps=STEPS, lr=2e-3, warmup=0.0, lr_schedule="wsd",
                     min_lr_ratio=1.0, eval_every=100, eval_blocks=8, progress=False)
-    cfg = RunConfig(model=tiny_model_config(arch, layers=6), method=MethodConfig(method, **METHOD), train=t,
+    cfg = RunConfig(model=tiny_model_config(arch, layers=6), method=MethodConfig(method, **knobs), train=t,
                     data=DataConfig(synthetic_sentences=1200), out=str(tmp_path / f"ours-{arch}-{method}"))
     data = load_lm_data(cfg.data, cfg.model, 0)
     summary = train(cfg, data)
@@ -42,14 +42,14 @@ def rows(data, n_micro: int) -> list[dict]:
     return [{k: v[i] for k, v in b.batch(j).items()} for j in range(n_micro) for i in range(BATCH)]
 
 
-def hf(cfg, data, out: Path, method: str, **kw) -> ApolloTrainer:
+def hf(cfg, data, out: Path, method: str, knobs: dict = METHOD, **kw) -> ApolloTrainer:
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
                              max_steps=STEPS, learning_rate=2e-3, lr_scheduler_type="constant", warmup_steps=0,
                              weight_decay=0.01, max_grad_norm=1.0, train_sampling_strategy="sequential",
                              logging_steps=1, report_to="none", seed=0, use_cpu=True, disable_tqdm=True,
                              **{"save_strategy": "no", **kw})
     return ApolloTrainer(model=build_model(cfg.model, 6, 0), args=args, train_dataset=rows(data, STEPS * ACCUM),
-                         data_collator=default_data_collator, apollo=ApolloConfig(method, **METHOD))
+                         data_collator=default_data_collator, apollo=ApolloConfig(method, **knobs))
 
 
 def by_step(depths: list[tuple[int, int]]) -> list[list[int]]:
@@ -63,11 +63,18 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("arch,method", [("gpt2", "apollo"), ("bert", "apollo"), ("gpt2", "apollo-plus"),
-                                         ("bert", "stackbert")])
-def test_trainer_draws_the_same_depths_counts_the_same_flops_and_tracks_the_loss(tmp_path, arch, method):
-    cfg, data, summary, steps = ours(tmp_path, arch, method)
-    trainer = hf(cfg, data, tmp_path / "hf", method)
+ZERO = {"stages": (0, 6), "switch": (8,), "switch_unit": "step"}  # head only, then 6 fresh layers at step 8
+MIDAS = {"stages": (2, 4, 6), "switch": (4, 8), "switch_unit": "step"}
+
+
+@pytest.mark.parametrize("arch,method,knobs,grown", [
+    ("gpt2", "apollo", METHOD, [(1, 3), (3, 6)]), ("bert", "apollo", METHOD, [(1, 3), (3, 6)]),
+    ("gpt2", "apollo-plus", METHOD, [(1, 3), (3, 6)]), ("bert", "stackbert", METHOD, [(1, 3), (3, 6)]),
+    ("gpt2", "zero-layer", ZERO, [(0, 6)]), ("bert", "midas", MIDAS, [(2, 4), (4, 6)])])
+def test_trainer_draws_the_same_depths_counts_the_same_flops_and_tracks_the_loss(tmp_path, arch, method, knobs,
+                                                                                  grown):
+    cfg, data, summary, steps = ours(tmp_path, arch, method, knobs)
+    trainer = hf(cfg, data, tmp_path / "hf", method, knobs)
     trainer.train()
     assert by_step(trainer.depths) == [s["depth"] for s in steps]
     assert {len(set(s["depth"])) for s in steps} != {1} or method != "apollo"  # LVPS really sampled
@@ -76,7 +83,7 @@ def test_trainer_draws_the_same_depths_counts_the_same_flops_and_tracks_the_loss
     assert len(losses) == STEPS
     assert max(abs(a - s["loss"]) for a, s in zip(losses, steps, strict=True)) < 1e-5  # stated tolerance
     grows = [h["apollo_grow"] for h in trainer.state.log_history if "apollo_grow" in h]
-    assert [(g["from"], g["to"]) for g in grows] == [(1, 3), (3, 6)]
+    assert [(g["from"], g["to"]) for g in grows] == grown
     final = load_file(Path(cfg.out) / "model" / "model.safetensors")
     mine = trainer.model.state_dict()
     assert max((final[k] - mine[k]).abs().max().item() for k in final) < 1e-5

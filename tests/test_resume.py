@@ -29,7 +29,9 @@ TINY = ["--layers", "6", "--hidden", "32", "--heads", "2", "--ffn", "64", "--voc
         "--steps", "18", "--threads", "1", "--no-progress", "--checkpoint-every", "4",
         "--dropout", "0.1"]  # dropout draws from torch's global RNG, which the checkpoint must restore
 STAGES = ["--stages", "1,3,6", "--switch", "6,12", "--switch-unit", "step"]
-METHODS = {"scratch": [], "stackbert": STAGES, "apollo": STAGES}
+METHODS = {"scratch": [], "stackbert": STAGES, "apollo": STAGES,
+           "zero-layer": ["--stages", "0,6", "--switch", "10", "--switch-unit", "step"],
+           "midas": ["--stages", "2,4,6", "--switch", "6,12", "--switch-unit", "step"]}
 # (kind, point): "step N" dies as step N starts, after the growth at N (6 and 12 are growth steps; checkpoint 12
 # is written right before the growth at 12, so resuming from it grows first); "save N" dies while writing
 # checkpoint N, leaving a partial temporary directory and the previous checkpoint as the latest.
@@ -37,6 +39,8 @@ KILLS = {
     "scratch": [("step", 5), ("step", 15)],
     "stackbert": [("step", 6), ("step", 13), ("save", 16)],
     "apollo": [("step", 3), ("step", 5), ("step", 6), ("step", 10), ("save", 12), ("step", 12), ("step", 15)],
+    "zero-layer": [("step", 6), ("step", 10), ("step", 13)],  # twice inside the head-only stage, once after
+    "midas": [("step", 7), ("step", 12)],
 }
 
 

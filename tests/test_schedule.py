@@ -18,7 +18,8 @@ def test_steps_and_epochs():
 
 @pytest.mark.parametrize(
     "stages, switch, unit, match",
-    [((3, 3, 12), (0.1, 0.2), "fraction", "strictly increasing"), ((-1, 6, 12), (0.1, 0.2), "fraction", ">= 1"), ((0,), (), "fraction", ">= 1"),
+    [((3, 3, 12), (0.1, 0.2), "fraction", "strictly increasing"), ((-1, 6, 12), (0.1, 0.2), "fraction", ">= 1"),
+     ((0,), (), "fraction", ">= 1"),
      ((1, 3, 6), (0.1, 0.2), "fraction", "end at the model depth"), ((1, 12), (0.1, 0.2), "fraction", "switch points"),
      ((1, 6, 12), (0.3, 0.2), "fraction", "strictly increasing"), ((1, 6, 12), (0.1, 1.5), "fraction", "inside"),
      ((1, 6, 12), (5, 500), "step", "inside"), ((1, 12), (0.1,), "weeks", "unit"), ((), (), "fraction", "empty")],
