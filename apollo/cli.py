@@ -1,4 +1,6 @@
-"""The ``apollo`` command: ``train`` and ``compare``. Bad input becomes one line on stderr and exit code 2."""
+"""The ``apollo`` command: ``train``, ``compare``, ``plan``, ``finetune`` and ``evaluate``.
+
+Bad input becomes one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue an interrupted compare in OUT: finished methods are kept, the interrupted one "
                               "resumes from its checkpoint, the rest run (its own config and methods)")
     _add_config_flags(compare, skip=("method",))
+    plan = sub.add_parser("plan", help="print a method's stage schedule and expected FLOPs for a budget, without "
+                                       "training (no --method: every method)")
+    _add_config_flags(plan)
     finetune = sub.add_parser("finetune", help="fine-tune a run's model on a GLUE task or SQuAD and report the metric")
     finetune.add_argument("--model", required=True, help="a run directory (or a saved HF model directory)")
     finetune.add_argument("--task", required=True, help="sst2 | mrpc | rte | stsb | wnli | cola | qnli | mnli | qqp "
@@ -200,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             _downstream(args)
             return 0
         cfg = resolve_config(args)
-        if args.command == "train":
+        if args.command == "plan":
+            from .plan import format_plan, format_table, plan, plan_all
+
+            print(format_plan(plan(cfg)) if getattr(args, "method.method") else format_table(plan_all(cfg)))
+        elif args.command == "train":
             from .distributed import is_main_process
             from .train import train
 

@@ -15,7 +15,8 @@ from apollo.flops import train_flops
 from apollo.growth import FRESH, expand_layers, expansion_source, grow, layer_map, middle_map
 from apollo.methods import METHOD_TABLE, METHODS, prop_schedule, resolve_method
 from apollo.models import build_model, get_layers
-from apollo.sampling import DepthSampler
+from apollo.plan import format_plan, plan
+from apollo.sampling import DepthSampler, depth_distribution
 from apollo.train import make_optimizer, train
 from tests.conftest import tiny_model_config
 
@@ -135,12 +136,18 @@ def test_zero_layer_step_flops_match_flop_counter(arch):
     assert train_flops(model.config, 0, ids.numel(), 16) == counter.get_total_flops()  # the LM head alone
 
 
+def tiny_run(tmp_path, method: str, arch: str = "gpt2", **method_kw) -> RunConfig:
+    return RunConfig(model=tiny_model_config(arch, layers=4), method=MethodConfig(method, **method_kw),
+                     train=TrainConfig(batch_size=4, steps=20, lr=2e-3, eval_every=5, eval_blocks=4, progress=False,
+                                       threads=1),
+                     data=DataConfig(synthetic_sentences=800), out=str(tmp_path / method))
+
+
 def run(tmp_path, method: str, arch: str = "gpt2", **method_kw) -> tuple[dict, list[dict]]:
-    cfg = RunConfig(model=tiny_model_config(arch, layers=4), method=MethodConfig(method, **method_kw),
-                    train=TrainConfig(batch_size=4, steps=20, lr=2e-3, eval_every=5, eval_blocks=4, progress=False,
-                                      threads=1),
-                    data=DataConfig(synthetic_sentences=800), out=str(tmp_path / method))
+    cfg = tiny_run(tmp_path, method, arch, **method_kw)
     summary = train(cfg)
+    # apollo plan: the loop's own count for every unsampled causal-LM method; an MLM's masked count varies
+    assert plan(cfg).flops == (summary["flops"] if arch == "gpt2" else pytest.approx(summary["flops"], rel=0.1))
     return summary, [json.loads(x) for x in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -168,3 +175,27 @@ def test_new_methods_grow_where_their_schedules_say(tmp_path, method, grows):
     assert all(s["depth"] == [s["live_layers"]] for s in steps)  # no depth sampling
     if method == "gstack":  # fresh AdamW state and an LR ramp back up after the stack (rewarm 2.5% of 20 = 0.5)
         assert all(g["moments"] == "reset" for g in log if g["event"] == "grow")
+
+
+def test_plan_prints_stages_and_the_share_of_scratch_and_matches_lvps_in_expectation(tmp_path):
+    p = plan(tiny_run(tmp_path, "one-layer"))
+    assert [(s.live_layers, s.first_step, s.steps) for s in p.stages] == [(1, 0, 16), (4, 16, 4)]
+    text = format_plan(p)
+    assert "| 1 | 4 | 16-19 |" in text and f"{100 * p.flops / p.scratch_flops:.1f}% of Scratch's" in text
+    apollo = plan(tiny_run(tmp_path, "apollo"))
+    lvps = [s.mean_depth for s in apollo.stages]
+    assert lvps[0] == pytest.approx(sum(d * q for d, q in depth_distribution("lvps", 1, 4).items()))
+    assert lvps[-1] == 4 and plan(tiny_run(tmp_path, "scratch")).flops == p.scratch_flops
+
+
+def test_plan_cli_needs_a_run_length_in_tokens_or_steps():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "apollo", "plan", "--arch", "gpt2", "--epochs", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == ("apollo: error: apollo plan needs the run length as --steps or "
+                                                      "--tokens (--epochs depends on the data)")
+    r = subprocess.run([sys.executable, "-m", "apollo", "plan", "--preset", "gpt-tiny", "--tokens", "1500000"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "| zero-layer | 0 -> 12 | 586 | none | 9.694 | 32.8% |" in r.stdout
