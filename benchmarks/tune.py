@@ -196,14 +196,22 @@ def report(out: Path, title: str) -> str:
     for r in rows:
         t = targets.get(r["seed"])
         r["flops_saving"], r["wall_saving"], r["saving_with_source"] = saving(r, t) if t else (None, None, None)
+        # The equal-tokens convention (zero/one-layer, G_stack papers): the whole run's FLOPs against Scratch's at the
+        # same tokens, and how far the final loss lands from Scratch's (relative; negative = lower)
+        r["equal_tokens_saving"] = 1 - r["flops"] / t["flops"] if t else None
+        r["final_loss_gap"] = r["final_val_loss"] / t["final_val_loss"] - 1 if t else None
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "scratch", m))  # Scratch first
     lines = [f"# {title}", "", f"Best Scratch: lr {best_scratch[0]:g}, {best_scratch[1]} (mean final val loss "
              f"{best_scratch[2]:.4f}). Savings are FLOPs (and training seconds) to reach that run's final validation "
              "loss, same seed, against its total: `1 - F_method / F_scratch`. bert2BERT and LiGO grow a trained small "
-             "model: their FLOPs saving leaves its training out (the papers' convention); the next column counts it.",
+             "model: their FLOPs saving leaves its training out (the papers' convention); the next column counts it. "
+             "Equal-tokens saving and final-loss gap are the other convention (zero/one-layer, G_stack): the whole "
+             "run's FLOPs against Scratch's at the same tokens, and its final loss relative to Scratch's "
+             "(`L_method / L_scratch - 1`; negative = lower).",
              "", "## Each method at its best setting (lowest mean final validation loss)", "",
              "| method | lr | schedule | seeds | final val loss | FLOPs saving | saving incl. small model "
-             "| wall saving | settings tried |", "|---|---|---|---|---|---|---|---|---|"]
+             "| wall saving | equal-tokens saving | final-loss gap | settings tried |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     best_rows = []
     for m in methods:
         lr, sched, loss = ranked_settings(out, m)[0]
@@ -215,11 +223,15 @@ def report(out: Path, title: str) -> str:
         with_source = mean_std([r["saving_with_source"] for r in mine]) if mine[0]["source_flops"] else "–"
         lines.append(f"| {m} | {lr:g} | {sched} | {','.join(str(r['seed']) for r in mine)} | {loss_s} | "
                      f"{mean_std([r['flops_saving'] for r in mine])} | {with_source} | "
-                     f"{mean_std([r['wall_saving'] for r in mine])} | {tried} |")
+                     f"{mean_std([r['wall_saving'] for r in mine])} | "
+                     f"{mean_std([r['equal_tokens_saving'] for r in mine])} | "
+                     f"{mean_std([r['final_loss_gap'] for r in mine])} | {tried} |")
         best_rows.append({"method": m, "lr": lr, "schedule": sched, "mean_final_val_loss": loss,
                           "seeds": [r["seed"] for r in mine], "flops_saving": [r["flops_saving"] for r in mine],
                           "saving_with_source": [r["saving_with_source"] for r in mine],
-                          "source_flops": mine[0]["source_flops"], "wall_saving": [r["wall_saving"] for r in mine]})
+                          "source_flops": mine[0]["source_flops"], "wall_saving": [r["wall_saving"] for r in mine],
+                          "equal_tokens_saving": [r["equal_tokens_saving"] for r in mine],
+                          "final_loss_gap": [r["final_loss_gap"] for r in mine]})
     lrs = sorted({r["lr"] for r in rows})
     lines += ["", "## Final validation loss by learning rate (seed 0; * = the method's best)", "",
               "| method | schedule | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]

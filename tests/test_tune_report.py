@@ -58,6 +58,10 @@ def test_savings_against_the_best_scratch_with_and_without_the_small_model(tmp_p
     assert best["stackbert"]["flops_saving"] == [None] and best["stackbert"]["source_flops"] is None
     assert "| bert2bert | 0.002 | wsd | 0 | 3.5000 | 100.00 | 30.00 | 60.0% | 30.0% |" in text
     assert "| stackbert | 0.002 | wsd | 0 | 4.1000 | 80.00 | – | never | – |" in text
+    # the equal-tokens convention from the same runs: 20% fewer FLOPs over the run, final loss 2.5% above Scratch's
+    assert (best["stackbert"]["equal_tokens_saving"], best["stackbert"]["final_loss_gap"]) == (
+        [pytest.approx(0.2)], [pytest.approx(0.025)])
+    assert "| never | – | never | 20.0% | 2.5% | 1 |" in text
 
 
 def test_a_small_model_without_summary_is_one_clear_error(tmp_path, tune):
