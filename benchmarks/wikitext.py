@@ -83,6 +83,13 @@ VARIANTS = {
     "one-layer": MethodConfig("one-layer"),
     "gstack": MethodConfig("gstack"),
     "midas": MethodConfig("midas"),
+    # Issue 18: candidates for our method (later and fewer expansions; a looped 1-layer stage untied late).
+    "ours-3-6-12-30-60": MethodConfig("apollo-plus", switch=(0.30, 0.60)),
+    "ours-3-6-12-40-70": MethodConfig("apollo-plus", switch=(0.40, 0.70)),
+    "ours-3-12-50": MethodConfig("apollo-plus", stages=(3, 12), switch=(0.50,)),
+    "ours-4-12-60": MethodConfig("apollo-plus", stages=(4, 12), switch=(0.60,)),
+    "ours-loop-1-12-50": MethodConfig("apollo", stages=(1, 12), switch=(0.50,)),
+    "ours-loop-3-12-50": MethodConfig("apollo", stages=(3, 12), switch=(0.50,)),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
