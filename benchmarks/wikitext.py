@@ -90,6 +90,11 @@ VARIANTS = {
     "ours-4-12-60": MethodConfig("apollo-plus", stages=(4, 12), switch=(0.60,)),
     "ours-loop-1-12-50": MethodConfig("apollo", stages=(1, 12), switch=(0.50,)),
     "ours-loop-3-12-50": MethodConfig("apollo", stages=(3, 12), switch=(0.50,)),
+    "ours-3-6-12-50-80": MethodConfig("apollo-plus", switch=(0.50, 0.80)),
+    "ours-3-6-12-45-75": MethodConfig("apollo-plus", switch=(0.45, 0.75)),
+    "ours-4-8-12-40-70": MethodConfig("apollo-plus", stages=(4, 8, 12), switch=(0.40, 0.70)),
+    "ours-2-4-12-40-70": MethodConfig("apollo-plus", stages=(2, 4, 12), switch=(0.40, 0.70)),
+    "ours-3-6-12-40-70-reset": MethodConfig("apollo-plus", switch=(0.40, 0.70), moments="reset"),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
