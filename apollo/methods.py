@@ -157,7 +157,8 @@ def resolve_method(m: MethodConfig, depth: int) -> MethodConfig:
     _check_fields(resolved)
     if resolved.rewarm >= 1:
         raise ApolloError(f"--rewarm must be a fraction of the run below 1, got {resolved.rewarm}")
-    if resolved.stages and resolved.stages[0] == 0 and (resolved.sampler != "none" or resolved.new_layers != "random"):
+    zero_start = len(resolved.stages) > 1 and resolved.stages[0] == 0
+    if zero_start and (resolved.sampler, resolved.new_layers) != ("none", "random"):
         raise ApolloError("a zero-layer first stage needs --sampler none and --new-layers random (there is no layer "
                           "to share or copy)")
     check_stages(resolved.stages, resolved.switch, resolved.switch_unit, depth)
