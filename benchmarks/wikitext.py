@@ -83,6 +83,7 @@ VARIANTS = {
     "one-layer": MethodConfig("one-layer"),
     "gstack": MethodConfig("gstack"),
     "midas": MethodConfig("midas"),
+    "apollo-jump": MethodConfig("apollo-jump"),
     # Issue 18: candidates for our method (later and fewer expansions; a looped 1-layer stage untied late).
     "ours-3-6-12-30-60": MethodConfig("apollo-plus", switch=(0.30, 0.60)),
     "ours-3-6-12-40-70": MethodConfig("apollo-plus", switch=(0.40, 0.70)),
@@ -95,6 +96,11 @@ VARIANTS = {
     "ours-4-8-12-40-70": MethodConfig("apollo-plus", stages=(4, 8, 12), switch=(0.40, 0.70)),
     "ours-2-4-12-40-70": MethodConfig("apollo-plus", stages=(2, 4, 12), switch=(0.40, 0.70)),
     "ours-3-6-12-40-70-reset": MethodConfig("apollo-plus", switch=(0.40, 0.70), moments="reset"),
+    "ours-2-4-12-50-80": MethodConfig("apollo-plus", stages=(2, 4, 12), switch=(0.50, 0.80)),
+    "ours-1-2-4-12-20-40-70": MethodConfig("apollo-plus", stages=(1, 2, 4, 12), switch=(0.20, 0.40, 0.70)),
+    "ours-2-4-8-12-30-55-80": MethodConfig("apollo-plus", stages=(2, 4, 8, 12), switch=(0.30, 0.55, 0.80)),
+    "ours-2-12-70": MethodConfig("apollo-plus", stages=(2, 12), switch=(0.70,)),
+    "ours-1-3-12-40-70": MethodConfig("apollo-plus", stages=(1, 3, 12), switch=(0.40, 0.70)),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
