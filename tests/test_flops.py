@@ -139,8 +139,10 @@ def test_unknown_model_type_raises():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("live, depth", [(1, 5), (3, 8), (6, 12)])
-def test_shared_layer_step_costs_its_executed_depth(arch, live, depth):
+@pytest.mark.parametrize("live, depth, kind", [(1, 5, "interpolation"), (3, 8, "interpolation"),
+                                               (6, 12, "interpolation"), (3, 12, "stacking"), (4, 10, "middle"),
+                                               (0, 0, "interpolation")])
+def test_shared_layer_step_costs_its_executed_depth(arch, live, depth, kind):
     """What the trainer counts for a step at depth d with N live layers is what that step executes."""
     from apollo.growth import layer_map, shared_layers
     from apollo.models import get_layers, set_layers
@@ -150,7 +152,7 @@ def test_shared_layer_step_costs_its_executed_depth(arch, live, depth):
     set_layers(model, torch.nn.ModuleList(list(get_layers(model))[:live]))
     ids = torch.randint(5, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
-        with shared_layers(model, layer_map("interpolation", live, depth)):
+        with shared_layers(model, layer_map(kind, live, depth)):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     expected = train_flops(model.config, depth, TOKENS, SEQ)
