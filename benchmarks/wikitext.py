@@ -101,6 +101,10 @@ VARIANTS = {
     "ours-2-4-8-12-30-55-80": MethodConfig("apollo-plus", stages=(2, 4, 8, 12), switch=(0.30, 0.55, 0.80)),
     "ours-2-12-70": MethodConfig("apollo-plus", stages=(2, 12), switch=(0.70,)),
     "ours-1-3-12-40-70": MethodConfig("apollo-plus", stages=(1, 3, 12), switch=(0.40, 0.70)),
+    # Second round, at the headline budget with the zero/one-layer paper's WSD (decay over the last 10%).
+    "ours-1-12-80": MethodConfig("apollo-plus", stages=(1, 12), switch=(0.80,)),
+    "ours-2-12-80": MethodConfig("apollo-plus", stages=(2, 12), switch=(0.80,)),
+    "one-layer-85": MethodConfig("one-layer", switch=(0.85,)),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
