@@ -103,11 +103,12 @@ METHOD_TABLE = types.MappingProxyType({m.name: m for m in (
     Method("midas", "Saunshi et al. 2024 (MIDAS): blocks of L/6 layers; start with one block and duplicate the "
            "middle block (ceil(n/2)) at each stage, stage lengths proportional to the stage index (PROP-1).",
            midas_stages, growth="middle"),
-    # Ours (issue 18's candidates, benchmarks/results/tune/ours-probe-gpt-0.5M): apollo-plus's function-preserving
-    # growth, but one late jump from a very shallow model, as the zero/one-layer paper argues for.
-    Method("apollo-jump", "Ours: L/6 layers for 70% of the run, then one interpolation jump to L whose repeat copies "
-           "start with zeroed residual outputs (function-preserving on pre-LN); no depth sampling.",
-           fixed(lambda L: [max(1, L // 6), L], (0.70,)), new_layers="zeroed"),
+    # Ours (issue 18's candidate search: benchmarks/results/tune/ours-probe-gpt-*): the zero/one-layer paper's
+    # schedule with apollo-plus's function-preserving growth instead of plain copies.
+    Method("apollo-jump", "Ours: one layer for 80% of the run, then one interpolation jump to L whose 11 repeat copies "
+           "start with zeroed residual outputs (function-preserving on pre-LN: the grown model computes what the "
+           "one-layer model did); no depth sampling; meant for WSD with the decay in the last 10%.",
+           fixed(lambda L: [1, L], (0.80,)), new_layers="zeroed"),
 )})
 METHODS = tuple(METHOD_TABLE)
 FROM_SMALL = tuple(m.name for m in METHOD_TABLE.values() if m.from_small)  # --small-model methods

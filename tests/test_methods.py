@@ -199,3 +199,16 @@ def test_plan_cli_needs_a_run_length_in_tokens_or_steps():
     r = subprocess.run([sys.executable, "-m", "apollo", "plan", "--preset", "gpt-tiny", "--tokens", "1500000"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "| zero-layer | 0 -> 12 | 586 | none | 9.694 | 32.8% |" in r.stdout
+
+
+def test_apollo_jump_is_one_function_preserving_jump_from_one_layer():
+    m = resolve_method(MethodConfig("apollo-jump"), 12)
+    assert (m.stages, m.switch, m.sampler, m.new_layers) == ((1, 12), (0.8,), "none", "zeroed")
+    model = build_model(tiny_model_config("gpt2", layers=12), 1, seed=0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        ids = torch.randint(5, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+        before = model(input_ids=ids).logits
+        assert expand_layers(model, 12, m.growth, m.new_layers) == [0] * 12
+        assert (model(input_ids=ids).logits - before).abs().max() < 1e-5  # the 12-layer model = the 1-layer one
