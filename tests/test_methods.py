@@ -117,15 +117,22 @@ def test_one_layer_expansion_copies_the_layer_and_its_moments():
                                                                                strict=True))
 
 
-def test_middle_growth_with_zeroed_copies_preserves_gpt2_function():
-    model = build_model(tiny_model_config("gpt2", layers=8), 4, seed=0).eval()
+def grown_logit_change(layers: int, n_live: int, kind: str) -> tuple[list[int], float]:
+    """Grow a perturbed GPT-2 (nothing an identity by accident) from ``n_live`` to ``layers`` with zeroed copies;
+    the source map and the largest change of its logits."""
+    model = build_model(tiny_model_config("gpt2", layers=layers), n_live, seed=0).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         ids = torch.randint(5, 128, (2, 16), generator=torch.Generator().manual_seed(1))
         before = model(input_ids=ids).logits
-        assert expand_layers(model, 6, "middle", "zeroed") == [0, 1, 0, 1, 2, 3]
-        assert (model(input_ids=ids).logits - before).abs().max() < 1e-5
+        source = expand_layers(model, layers, kind, "zeroed")
+        return source, float((model(input_ids=ids).logits - before).abs().max())
+
+
+def test_middle_growth_with_zeroed_copies_preserves_gpt2_function():
+    source, change = grown_logit_change(6, 4, "middle")
+    assert source == [0, 1, 0, 1, 2, 3] and change < 1e-5
 
 
 def test_zero_layer_step_flops_match_flop_counter(arch):
@@ -204,11 +211,5 @@ def test_plan_cli_needs_a_run_length_in_tokens_or_steps():
 def test_apollo_jump_is_one_function_preserving_jump_from_one_layer():
     m = resolve_method(MethodConfig("apollo-jump"), 12)
     assert (m.stages, m.switch, m.sampler, m.new_layers) == ((1, 12), (0.8,), "none", "zeroed")
-    model = build_model(tiny_model_config("gpt2", layers=12), 1, seed=0).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        ids = torch.randint(5, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-        before = model(input_ids=ids).logits
-        assert expand_layers(model, 12, m.growth, m.new_layers) == [0] * 12
-        assert (model(input_ids=ids).logits - before).abs().max() < 1e-5  # the 12-layer model = the 1-layer one
+    source, change = grown_logit_change(12, 1, m.growth)
+    assert source == [0] * 12 and change < 1e-5  # the 12-layer model computes what the 1-layer one did
