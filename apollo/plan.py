@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .config import ApolloError, MethodConfig, RunConfig, check
 from .flops import StepFlops
-from .methods import METHOD_TABLE, resolve_method
+from .methods import METHOD_TABLE, method_spec, resolve_method
 from .models import hf_config, is_masked, resolve_model
 from .sampling import depth_distribution
 from .schedule import resolve_schedule
@@ -39,7 +39,6 @@ class Plan:
     method: MethodConfig
     steps: int
     tokens_per_step: int
-    accum: int
     stages: tuple[Stage, ...]
     flops: float
     scratch_flops: float
@@ -51,9 +50,8 @@ def plan(cfg: RunConfig, world: int = 1) -> Plan:
     m, t = resolve_model(cfg.model), cfg.train
     if not (t.steps or t.tokens):
         raise ApolloError("apollo plan needs the run length as --steps or --tokens (--epochs depends on the data)")
-    spec = METHOD_TABLE.get(cfg.method.method)
     method_cfg = cfg.method
-    if spec is not None and spec.from_small and not method_cfg.small_model:
+    if method_spec(method_cfg.method).from_small and not method_cfg.small_model:
         method_cfg = dataclasses.replace(method_cfg, small_model="(small model)")
     method = resolve_method(method_cfg, m.layers)
     accum, steps = grad_accum(t, world), total_steps(t, m.seq_len, 1, world)
@@ -73,7 +71,7 @@ def plan(cfg: RunConfig, world: int = 1) -> Plan:
         stages.append(Stage(n_live, first, n, sum(d * p for d, p in dist.items()), n * accum * micro(dist)))
     operator = method.ligo_steps * step_flops.train(m.layers, tokens, m.seq_len, head)
     scratch = steps * accum * step_flops.train(m.layers, tokens, m.seq_len, head)
-    return Plan(method.method, method, steps, tokens * accum, accum, tuple(stages),
+    return Plan(method.method, method, steps, tokens * accum, tuple(stages),
                 sum(s.flops for s in stages) + operator, scratch)
 
 
