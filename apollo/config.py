@@ -55,8 +55,9 @@ class MethodConfig:
     switch_unit: str = _f("fraction", "fraction (of the run) | step | epoch")
     sampler: str = _f("", "lvps | es | us | fs | none; empty = the method's default")
     growth: str = _f("", "interpolation | stacking | middle (MIDAS); empty = the method's default")
-    moments: str = _f("", "AdamW state of new layers: copy (from the source layer) | reset; empty = the method's "
-                          "default")
+    moments: str = _f("", "AdamW state at growth: copy (new layers copy their source layer's) | reset "
+                          "(layers start empty) | fresh (every parameter starts empty, as a new optimizer); empty "
+                          "= the method's default")
     new_layers: str = _f("", "copy | zeroed (repeat copies start with zeroed residual outputs: function-"
                              "preserving growth) | random (repeat copies are fresh layers of the L-layer init); "
                              "empty = the method's default")

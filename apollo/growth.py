@@ -36,7 +36,7 @@ from .config import ApolloError
 from .models import depth_state, get_layers, layer_path, renumber_layers, residual_outputs, set_layers
 
 GROWTH = ("interpolation", "stacking", "middle")
-MOMENTS = ("copy", "reset")
+MOMENTS = ("copy", "reset", "fresh")  # fresh: a new AdamW for every parameter (G_stack)
 NEW_LAYERS = ("copy", "zeroed", "random")
 FRESH = -1  # the source of a freshly initialised layer (new_layers="random")
 
@@ -173,7 +173,9 @@ def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: s
 
     ``moments='copy'``: each new layer's AdamW state (step, exp_avg, exp_avg_sq) is a copy of its
     source layer's; ``'reset'``: new layers start with empty state. Non-layer parameters (embeddings,
-    head) are the same objects and keep their state. Zeroed projections (``new_layers="zeroed"``) always
+    head) are the same objects and keep their state, except under ``'fresh'``: every parameter starts empty,
+    as a newly built optimizer would (G_stack trains the stacked model as a new run). Zeroed projections
+    (``new_layers="zeroed"``) always
     start with empty state: their source's moments describe a weight they no longer hold; so do fresh layers
     (``new_layers="random"``, built by ``fresh``). Returns the new optimizer and the source map.
     """
@@ -184,6 +186,8 @@ def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: s
     source = expand_layers(model, n_new, kind, new_layers, fresh)
     zeroed = {id(p) for p in zeroed_params(model, get_layers(model), source)} if new_layers == "zeroed" else set()
     new_optimizer = make_optimizer(model)
+    if moments == "fresh":
+        return new_optimizer, source
     for name, p in model.named_parameters():
         if name.startswith(prefix) and (moments == "reset" or id(p) in zeroed
                                         or source[int(name[len(prefix):].split(".", 1)[0])] == FRESH):
@@ -201,7 +205,8 @@ def grow_in_place(model: nn.Module, optimizer: torch.optim.Optimizer, n_old: int
     are live; afterwards slot ``j < n_new`` holds a copy of old slot ``source[j]`` (the same ``layer_map``),
     weights **and** AdamW state copied between existing parameters, so the optimizer, LR scheduler and a DDP
     wrapper built over all slots stay valid. The state policy is ``grow``'s: ``copy`` gives each new slot its
-    source's state, ``reset`` empties every live slot's, zeroed projections always start empty. A fresh layer
+    source's state, ``reset`` empties every live slot's, ``fresh`` empties every parameter's (embeddings and
+    head too), zeroed projections always start empty. A fresh layer
     (``new_layers="random"``) is the idle slot's own init, untouched since the model was built, with empty state.
     Returns the source map. Slots ``>= n_new`` are untouched."""
     if moments not in MOMENTS:
@@ -233,4 +238,6 @@ def grow_in_place(model: nn.Module, optimizer: torch.optim.Optimizer, n_old: int
         for p in zeroed_params(model, nn.ModuleList(slots[:n_new]), source):
             p.zero_()
             optimizer.state.pop(p, None)
+    if moments == "fresh":
+        optimizer.state.clear()
     return source

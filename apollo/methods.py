@@ -98,8 +98,9 @@ METHOD_TABLE = types.MappingProxyType({m.name: m for m in (
     # Du et al.'s rule log10(d) = 0.88 log10(N) + 163.27 / log10(C) - 5.74 asks for more tokens than our whole
     # run at CPU scale; at their headline setting (7B, 300B tokens) it gives d = 20B = 6.8% of the run: kept.
     Method("gstack", "Du et al. 2024 (G_stack): train L/4 layers, stack the whole model x4 once at 6.8% of the run "
-           "(their growth-timing rule at their 7B / 300B setting), fresh AdamW state and an LR re-warmup over 2.5%.",
-           fixed(lambda L: [_quarter(L), L], (0.068,)), growth="stacking", moments="reset", rewarm=0.025),
+           "(their growth-timing rule at their 7B / 300B setting), a fresh AdamW (every parameter) and an LR re-warmup "
+           "over 2.5%.",
+           fixed(lambda L: [_quarter(L), L], (0.068,)), growth="stacking", moments="fresh", rewarm=0.025),
     Method("midas", "Saunshi et al. 2024 (MIDAS): blocks of L/6 layers; start with one block and duplicate the "
            "middle block (ceil(n/2)) at each stage, stage lengths proportional to the stage index (PROP-1).",
            midas_stages, growth="middle"),

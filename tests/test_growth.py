@@ -74,7 +74,7 @@ def test_growth_copies_sources_and_preserves_full_depth_function(arch, kind, ste
     assert len(get_layers(model)) == 12 and len(ptrs) == len(set(ptrs))
 
 
-@pytest.mark.parametrize("moments", ["copy", "reset"])
+@pytest.mark.parametrize("moments", ["copy", "reset", "fresh"])
 def test_grow_rebuilds_optimizer_with_moment_policy(moments):
     t = TrainConfig(lr=1e-3)
     model = build_model(tiny_model_config("bert"), 3, seed=0)
@@ -88,10 +88,13 @@ def test_grow_rebuilds_optimizer_with_moment_policy(moments):
     assert new_opt is not opt and source == [0, 0, 1, 1, 2, 2]
     opt_params = {id(p) for g in new_opt.param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in model.parameters()}
-    assert torch.equal(new_opt.state[emb]["exp_avg"], emb_state)  # non-layer state kept
+    if moments == "fresh":  # a new AdamW: no parameter has state, embeddings included
+        assert not new_opt.state
+    else:
+        assert torch.equal(new_opt.state[emb]["exp_avg"], emb_state)  # non-layer state kept
     for j, layer in enumerate(get_layers(model)):
         for n, p in layer.named_parameters():
-            if moments == "reset":
+            if moments in ("reset", "fresh"):
                 assert p not in new_opt.state
             else:
                 src = old_layers[source[j]][n]
@@ -161,6 +164,7 @@ def test_grow_gives_zeroed_projections_empty_moments():
 
 @pytest.mark.parametrize("kind,moments,new_layers", [("interpolation", "copy", "copy"), ("stacking", "copy", "copy"),
                                                      ("interpolation", "reset", "copy"),
+                                                     ("stacking", "fresh", "copy"),
                                                      ("interpolation", "copy", "zeroed")])
 def test_grow_in_place_equals_the_rebuild_in_weights_and_adamw_state(arch, kind, moments, new_layers):
     """The Trainer's in-place growth (all slots allocated) and apollo train's rebuild give the same live layers,
@@ -186,6 +190,8 @@ def test_grow_in_place_equals_the_rebuild_in_weights_and_adamw_state(arch, kind,
                 assert torch.equal(v, opt_f.state[q][k])
     assert all(torch.equal(p, q) for p, q in zip(get_layers(full)[5].parameters(), idle, strict=True))
     assert all(p not in opt_f.state for p in get_layers(full)[5].parameters())
+    if moments == "fresh":  # embeddings and head start empty too, in both designs
+        assert not new_opt.state and not opt_f.state
 
 
 @pytest.mark.parametrize("n_old, kind", [(0, "interpolation"), (1, "interpolation"), (2, "middle")])

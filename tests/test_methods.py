@@ -67,7 +67,7 @@ def test_new_methods_follow_their_papers_at_depth_12():
     z, o, g, mi = got.values()
     assert (z.stages, z.switch, z.new_layers, z.sampler) == ((0, 12), (0.8,), "random", "none")
     assert (o.stages, o.switch, o.new_layers, o.growth) == ((1, 12), (0.8,), "copy", "interpolation")
-    assert (g.stages, g.growth, g.moments, g.rewarm) == ((3, 12), "stacking", "reset", 0.025)
+    assert (g.stages, g.growth, g.moments, g.rewarm) == ((3, 12), "stacking", "fresh", 0.025)
     assert layer_map(g.growth, 3, 12) == [0, 1, 2] * 4  # the whole 3-layer model stacked x4
     assert (mi.stages, mi.growth) == ((2, 4, 6, 8, 10, 12), "middle")
     lengths = [b - a for a, b in zip((0, *mi.switch), (*mi.switch, 1.0), strict=True)]
@@ -181,7 +181,7 @@ def test_new_methods_grow_where_their_schedules_say(tmp_path, method, grows):
     steps = [r for r in log if r["event"] == "step"]
     assert all(s["depth"] == [s["live_layers"]] for s in steps)  # no depth sampling
     if method == "gstack":  # fresh AdamW state and an LR ramp back up after the stack (rewarm 2.5% of 20 = 0.5)
-        assert all(g["moments"] == "reset" for g in log if g["event"] == "grow")
+        assert all(g["moments"] == "fresh" for g in log if g["event"] == "grow")
 
 
 def test_plan_prints_stages_and_the_share_of_scratch_and_matches_lvps_in_expectation(tmp_path):
