@@ -175,9 +175,9 @@ def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: s
     source layer's; ``'reset'``: new layers start with empty state. Non-layer parameters (embeddings,
     head) are the same objects and keep their state, except under ``'fresh'``: every parameter starts empty,
     as a newly built optimizer would (G_stack trains the stacked model as a new run). Zeroed projections
-    (``new_layers="zeroed"``) always
-    start with empty state: their source's moments describe a weight they no longer hold; so do fresh layers
-    (``new_layers="random"``, built by ``fresh``). Returns the new optimizer and the source map.
+    (``new_layers="zeroed"``) always start with empty state: their source's moments describe a weight they no
+    longer hold; so do fresh layers (``new_layers="random"``, built by ``fresh``). Returns the new optimizer
+    and the source map.
     """
     if moments not in MOMENTS:
         raise ApolloError(f"unknown moments policy {moments!r} (choose from {', '.join(MOMENTS)})")
