@@ -64,7 +64,8 @@ def base_config(args: argparse.Namespace) -> RunConfig:
                             **({"warmup": args.warmup} if args.warmup is not None else {}),
                             **({"decay_fraction": args.decay_fraction} if args.decay_fraction is not None else {}))
     d = Path(args.data_dir)
-    data = DataConfig(data=(str(d / FILES["train"]),), valid=(str(d / FILES["valid"]),))
+    data = DataConfig(data=(str(d / FILES["train"]),), valid=(str(d / FILES["valid"]),),
+                      **({"mlm_probability": args.mlm_probability} if args.mlm_probability is not None else {}))
     return dataclasses.replace(cfg, model=m, train=t, data=data, out="")
 
 
@@ -284,6 +285,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=0, help="override the preset's width (ffn 4x, heads h/32)")
     ap.add_argument("--batch-size", type=int, default=0, help="override the preset's micro-batch")
     ap.add_argument("--warmup", type=float, default=None, help="override the preset's warmup fraction")
+    ap.add_argument("--mlm-probability", type=float, default=None,
+                    help="masked-LM masking rate (default 0.15; see benchmarks/results/bert-context)")
     ap.add_argument("--decay-fraction", type=float, default=None,
                     help="override WSD's decay fraction (0.2; zero/one-layer's paper decays over the last 10%%)")
     ap.add_argument("--methods", default="scratch,stackbert,apollo,apollo-plus",

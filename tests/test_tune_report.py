@@ -1,6 +1,7 @@
 """benchmarks/tune.py's report: savings against the best Scratch, and bert2BERT / LiGO counted with and without
 the training FLOPs of the small model they grow from."""
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -71,3 +72,11 @@ def test_a_small_model_without_summary_is_one_clear_error(tmp_path, tune):
          [(0, 9.0), (1e12, 4.0)], 1e12)
     with pytest.raises(tune.ApolloError, match="small model's run has no summary.json"):
         tune.report(out, "test")
+
+
+@pytest.mark.parametrize("rate, expected", [(None, 0.15), (0.4, 0.4)])
+def test_the_masking_rate_reaches_every_run_of_the_grid(tune, tmp_path, rate, expected):
+    args = argparse.Namespace(preset="bert-tiny", hidden=0, tokens=1000, eval_every=10, eval_blocks=4, threads=1,
+                              checkpoint_every=0, batch_size=0, warmup=None, decay_fraction=None,
+                              mlm_probability=rate, data_dir=str(tmp_path))
+    assert tune.base_config(args).data.mlm_probability == expected
