@@ -207,7 +207,8 @@ def grow_in_place(model: nn.Module, optimizer: torch.optim.Optimizer, n_old: int
     wrapper built over all slots stay valid. The state policy is ``grow``'s: ``copy`` gives each new slot its
     source's state, ``reset`` empties every live slot's, ``fresh`` empties every parameter's (embeddings and
     head too), zeroed projections always start empty. A fresh layer (``new_layers="random"``) is the idle
-    slot's own init, untouched since the model was built, with empty state. Returns the source map. Slots ``>= n_new`` are untouched."""
+    slot's own init, untouched since the model was built, with empty state. Returns the source map. Slots
+    ``>= n_new`` are untouched."""
     if moments not in MOMENTS:
         raise ApolloError(f"unknown moments policy {moments!r} (choose from {', '.join(MOMENTS)})")
     if new_layers not in NEW_LAYERS:
