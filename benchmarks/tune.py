@@ -1,5 +1,6 @@
 """The fair protocol: every method gets the same learning-rate x schedule grid, seeds, data order and budget, is
-reported at its own best setting (lowest final validation loss), and its FLOPs saving is measured against the
+reported at its own best setting (lowest final validation loss at seed 0; further seeds of that setting
+only report it), and its FLOPs saving is measured against the
 best-tuned Scratch.
 
 Screen (a cheap budget picks each method's candidates; the grid grows at an edge, the same rule for every method):
@@ -154,14 +155,17 @@ def source_flops(cfg: RunConfig) -> float | None:
 
 
 def ranked_settings(out: Path, method: str) -> list[tuple[float, str, float]]:
-    """(lr, schedule, mean final loss over seeds) of ``method`` in ``out``, best first."""
-    by: dict[tuple[float, str], list[float]] = {}
+    """(lr, schedule, mean final loss over seeds) of ``method`` in ``out``, best first. Seed 0 selects (every
+    setting of a screen or a top-k run has it); further seeds only report the chosen setting, so adding them can
+    never switch the choice. Settings without a seed 0 rank after, by their mean."""
+    by: dict[tuple[float, str], dict[int, float]] = {}
     for r in collect(out):
         if r["method"] == method:
-            by.setdefault((r["lr"], r["schedule"]), []).append(r["final_val_loss"])
+            by.setdefault((r["lr"], r["schedule"]), {})[r["seed"]] = r["final_val_loss"]
     if not by:
         raise ApolloError(f"{out} holds no finished {method} run")
-    return sorted(((lr, s, statistics.mean(v)) for (lr, s), v in by.items()), key=lambda x: x[2])
+    ranked = sorted(by.items(), key=lambda kv: (0 not in kv[1], kv[1].get(0, statistics.mean(kv[1].values()))))
+    return [(lr, s, statistics.mean(v.values())) for (lr, s), v in ranked]
 
 
 def saving(r: dict, target: dict) -> tuple[float | None, float | None, float | None]:
@@ -202,14 +206,15 @@ def report(out: Path, title: str) -> str:
         r["equal_tokens_saving"] = 1 - r["flops"] / t["flops"] if t else None
         r["final_loss_gap"] = r["final_val_loss"] / t["final_val_loss"] - 1 if t else None
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "scratch", m))  # Scratch first
-    lines = [f"# {title}", "", f"Best Scratch: lr {best_scratch[0]:g}, {best_scratch[1]} (mean final val loss "
+    lines = [f"# {title}", "",
+             f"Best Scratch: lr {best_scratch[0]:g}, {best_scratch[1]} (chosen by seed 0; mean final val loss "
              f"{best_scratch[2]:.4f}). Savings are FLOPs (and training seconds) to reach that run's final validation "
              "loss, same seed, against its total: `1 - F_method / F_scratch`. bert2BERT and LiGO grow a trained small "
              "model: their FLOPs saving leaves its training out (the papers' convention); the next column counts it. "
              "Equal-tokens saving and final-loss gap are the other convention (zero/one-layer, G_stack): the whole "
              "run's FLOPs against Scratch's at the same tokens, and its final loss relative to Scratch's "
              "(`L_method / L_scratch - 1`; negative = lower).",
-             "", "## Each method at its best setting (lowest mean final validation loss)", "",
+             "", "## Each method at its best setting (lowest seed-0 final validation loss; mean over its seeds)", "",
              "| method | lr | schedule | seeds | final val loss | FLOPs saving | saving incl. small model "
              "| wall saving | equal-tokens saving | final-loss gap | settings tried |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -256,6 +261,13 @@ def report(out: Path, title: str) -> str:
     grid_rows = [{k: (str(v) if k == "run" else v) for k, v in r.items()} for r in rows]
     (out / "tune.json").write_text(json.dumps({"best": best_rows, "grid": grid_rows}, indent=1), encoding="utf-8")
     return text
+
+
+def report_title(out: Path) -> str:
+    """--report keeps the title the training invocation wrote (it knew the preset and budget)."""
+    md = out / "tune.md"
+    first = md.read_text(encoding="utf-8").split("\n", 1)[0] if md.exists() else ""
+    return first[2:] if first.startswith("# ") else out.name
 
 
 def run_all(args: argparse.Namespace, base: RunConfig, out: Path) -> None:
@@ -325,7 +337,7 @@ def main() -> None:
                     "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
             (out / f"benchmark-{args.methods.replace(',', '+')}.json").write_text(json.dumps(meta, indent=1))
         print(report(out, f"{out.name}: {args.preset}, {args.tokens / 1e6:g}M tokens" if not args.report
-                     else out.name))
+                     else report_title(out)))
     except ApolloError as e:
         sys.exit(f"tune.py: error: {e}")
 

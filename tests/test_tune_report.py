@@ -27,10 +27,12 @@ def tune():
         del sys.modules["tune"]
 
 
-def _run(run: Path, method: MethodConfig, lr: float, curve: list[tuple[float, float]], flops: float) -> None:
+def _run(run: Path, method: MethodConfig, lr: float, curve: list[tuple[float, float]], flops: float,
+         seed: int = 0) -> None:
     """A finished run folder: config.yaml, eval records (FLOPs, val loss) and summary.json."""
     cfg = preset("gpt-tiny")
-    cfg = dataclasses.replace(cfg, method=method, train=dataclasses.replace(cfg.train, lr=lr, lr_schedule="wsd"))
+    cfg = dataclasses.replace(cfg, method=method,
+                              train=dataclasses.replace(cfg.train, lr=lr, lr_schedule="wsd", seed=seed))
     run.mkdir(parents=True)
     save_yaml(cfg, run / "config.yaml")
     evals = [{"event": "eval", "step": i, "flops": f, "wall_s": f / 1e9, "val_loss": v}
@@ -63,6 +65,21 @@ def test_savings_against_the_best_scratch_with_and_without_the_small_model(tmp_p
     assert (best["stackbert"]["equal_tokens_saving"], best["stackbert"]["final_loss_gap"]) == (
         [pytest.approx(0.2)], [pytest.approx(0.025)])
     assert "| never | – | never | 20.0% | 2.5% | 1 |" in text
+
+
+def test_seed_0_chooses_the_setting_and_later_seeds_cannot_switch_it(tmp_path, tune):
+    out = tmp_path / "grid"
+    _run(out / "scratch" / "lr0.001-wsd-s0", MethodConfig("scratch"), 1e-3, [(0, 9.0), (1e12, 4.0)], 1e12)
+    _run(out / "scratch" / "lr0.002-wsd-s0", MethodConfig("scratch"), 2e-3, [(0, 9.0), (1e12, 4.1)], 1e12)
+    for seed in (1, 2):  # the chosen setting's extra seeds come out worse than the runner-up's seed 0
+        _run(out / "scratch" / f"lr0.001-wsd-s{seed}", MethodConfig("scratch"), 1e-3, [(0, 9.0), (1e12, 4.6)], 1e12,
+             seed=seed)
+    ranked = tune.ranked_settings(out, "scratch")
+    assert [(lr, s) for lr, s, _ in ranked] == [(1e-3, "wsd"), (2e-3, "wsd")]
+    assert ranked[0][2] == pytest.approx(4.4)  # reported over its three seeds
+    tune.report(out, "test")
+    best = json.loads((out / "tune.json").read_text())["best"][0]
+    assert (best["lr"], best["seeds"]) == (1e-3, [0, 1, 2])
 
 
 def test_a_small_model_without_summary_is_one_clear_error(tmp_path, tune):
