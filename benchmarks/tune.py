@@ -1,7 +1,6 @@
 """The fair protocol: every method gets the same learning-rate x schedule grid, seeds, data order and budget, is
-reported at its own best setting (lowest final validation loss at seed 0; further seeds of that setting
-only report it), and its FLOPs saving is measured against the
-best-tuned Scratch.
+reported at its own best setting (lowest final validation loss at seed 0; further seeds of that setting only report
+it), and its FLOPs saving is measured against the best-tuned Scratch.
 
 Screen (a cheap budget picks each method's candidates; the grid grows at an edge, the same rule for every method):
 
