@@ -106,6 +106,9 @@ VARIANTS = {
     "ours-1-12-80": MethodConfig("apollo-plus", stages=(1, 12), switch=(0.80,)),
     "ours-2-12-80": MethodConfig("apollo-plus", stages=(2, 12), switch=(0.80,)),
     "one-layer-85": MethodConfig("one-layer", switch=(0.85,)),
+    # Third round, BERT at 40% masking: the jump earlier, for a masked LM that learns context late.
+    "jump-1-12-60": MethodConfig("apollo-jump", switch=(0.60,)),
+    "jump-1-12-70": MethodConfig("apollo-jump", switch=(0.70,)),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
