@@ -109,6 +109,7 @@ VARIANTS = {
     # Third round, BERT at 40% masking: the jump earlier, for a masked LM that learns context late.
     "jump-1-12-60": MethodConfig("apollo-jump", switch=(0.60,)),
     "jump-1-12-70": MethodConfig("apollo-jump", switch=(0.70,)),
+    "jump-1-12-50": MethodConfig("apollo-jump", switch=(0.50,)),
 }
 FILES = {"train": "wiki.train.tokens.repack", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
