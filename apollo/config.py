@@ -49,7 +49,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     method: str = _f("apollo", "scratch | stackbert | apollo | apollo-plus | bert2bert | ligo | zero-layer | "
-                               "one-layer | gstack | midas | apollo-jump (apollo.methods.METHOD_TABLE)")
+                               "one-layer | gstack | midas | apollo-jump | apollo-twostep "
+                               "(apollo.methods.METHOD_TABLE)")
     stages: tuple[int, ...] = _f((), "live layers per stage; empty = the method's default")
     switch: tuple[float, ...] = _f((), "where each later stage starts; empty = the method's default")
     switch_unit: str = _f("fraction", "fraction (of the run) | step | epoch")

@@ -110,6 +110,12 @@ METHOD_TABLE = types.MappingProxyType({m.name: m for m in (
            "start with zeroed residual outputs (function-preserving on pre-LN: the grown model computes what the "
            "one-layer model did); no depth sampling; meant for WSD with the decay in the last 10%.",
            fixed(lambda L: [1, L], (0.80,)), new_layers="zeroed"),
+    # Ours for masked LMs (benchmarks/results/tune/ours-probe-bert-m40-3M-decay0.2): a masked LM learns its
+    # context late, so a 1-layer phase is too shallow there; two late interpolation steps from L/6 layers instead.
+    Method("apollo-twostep", "Ours: L/6 -> L/3 -> L live layers (2 -> 4 -> 12) at 50% and 80% of the run, "
+           "interpolation growth whose repeat copies start with zeroed residual outputs (function-preserving on "
+           "pre-LN); no depth sampling; meant for WSD.",
+           fixed(lambda L: [max(1, L // 6), max(1, L // 3), L], (0.50, 0.80)), new_layers="zeroed"),
 )})
 METHODS = tuple(METHOD_TABLE)
 FROM_SMALL = tuple(m.name for m in METHOD_TABLE.values() if m.from_small)  # --small-model methods

@@ -84,6 +84,7 @@ VARIANTS = {
     "gstack": MethodConfig("gstack"),
     "midas": MethodConfig("midas"),
     "apollo-jump": MethodConfig("apollo-jump"),
+    "apollo-twostep": MethodConfig("apollo-twostep"),
     "jump-2-12-70": MethodConfig("apollo-jump", stages=(2, 12), switch=(0.70,)),  # its first definition
     # Issue 18: candidates for our method (later and fewer expansions; a looped 1-layer stage untied late).
     "ours-3-6-12-30-60": MethodConfig("apollo-plus", switch=(0.30, 0.60)),

@@ -52,4 +52,5 @@ def test_real_entry_point_has_no_traceback(tmp_path):
     r = run_cli("compare", "--preset", "bert-tiny", "--methods", "scratch,apolo", "--out", str(tmp_path / "c"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("apollo: error: unknown method 'apolo' (choose from scratch, stackbert, apollo, "
-                                "apollo-plus, bert2bert, ligo, zero-layer, one-layer, gstack, midas, apollo-jump)")
+                                "apollo-plus, bert2bert, ligo, zero-layer, one-layer, gstack, midas, apollo-jump, "
+                                "apollo-twostep)")

@@ -213,3 +213,11 @@ def test_apollo_jump_is_one_function_preserving_jump_from_one_layer():
     assert (m.stages, m.switch, m.sampler, m.new_layers) == ((1, 12), (0.8,), "none", "zeroed")
     source, change = grown_logit_change(12, 1, m.growth)
     assert source == [0] * 12 and change < 1e-5  # the 12-layer model computes what the 1-layer one did
+
+
+def test_apollo_twostep_grows_twice_late_and_preserves_the_function():
+    m = resolve_method(MethodConfig("apollo-twostep"), 12)
+    assert (m.stages, m.switch, m.sampler, m.new_layers) == ((2, 4, 12), (0.5, 0.8), "none", "zeroed")
+    assert resolve_method(MethodConfig("apollo-twostep"), 2).stages == (1, 2)  # stages that coincide merge
+    source, change = grown_logit_change(12, 4, m.growth)
+    assert source == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and change < 1e-5
