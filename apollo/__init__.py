@@ -6,14 +6,14 @@ The pieces are usable from your own training loop::
     from apollo import bert2bert, LiGO          # growth from a trained smaller model
 """
 
-from .bert2bert import bert2bert
+from .baselines.bert2bert import bert2bert
+from .baselines.ligo import LiGO
 from .config import ApolloError, DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, preset
-from .flops import forward_flops, train_flops
-from .growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
-from .ligo import LiGO
+from .measure.flops import forward_flops, train_flops
+from .method.growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
+from .method.sampling import DepthSampler, depth_distribution, sample_depths
+from .method.schedule import Schedule, resolve_schedule
 from .models import build_model, get_layers, set_layers
-from .sampling import DepthSampler, depth_distribution, sample_depths
-from .schedule import Schedule, resolve_schedule
 
 __all__ = [
     "ApolloError", "DataConfig", "DepthSampler", "LiGO", "MethodConfig", "ModelConfig", "RunConfig", "Schedule",
@@ -24,8 +24,8 @@ __all__ = [
 
 
 def train(*args, **kwargs):
-    """Train one run (see apollo.train.train)."""
-    from .train import train as _train
+    """Train one run (see apollo.runtime.train.train)."""
+    from .runtime.train import train as _train
 
     return _train(*args, **kwargs)
 

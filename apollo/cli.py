@@ -11,7 +11,6 @@ import sys
 import typing
 from pathlib import Path
 
-from .checkpoint import latest
 from .config import (
     PRESET_NAMES,
     SECTIONS,
@@ -23,6 +22,7 @@ from .config import (
     section_fields,
     to_dict,
 )
+from .runtime.checkpoint import latest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
-    from .finetune import FinetuneConfig
+    from .evaluation.finetune import FinetuneConfig
 
     for f in dataclasses.fields(FinetuneConfig):
         if f.name not in ("task", "seed"):
@@ -113,14 +113,14 @@ def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _finetune_config(args: argparse.Namespace, task: str, seed: int):
-    from .finetune import FinetuneConfig
+    from .evaluation.finetune import FinetuneConfig
 
     return FinetuneConfig(task=task, seed=seed,
                           **{k.split(".")[1]: v for k, v in vars(args).items() if k.startswith("ft.")})
 
 
 def _downstream(args: argparse.Namespace) -> None:
-    from .finetune import evaluate_runs, finetune
+    from .evaluation.finetune import evaluate_runs, finetune
 
     if args.command == "finetune":
         out = Path(args.out) if args.out else Path(args.model) / "finetune" / f"{args.task}-s{args.seed}"
@@ -206,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = resolve_config(args)
         if args.command == "plan":
-            from .plan import format_plan, format_table, plan, plan_all
+            from .measure.plan import format_plan, format_table, plan, plan_all
 
             print(format_plan(plan(cfg)) if getattr(args, "method.method") else format_table(plan_all(cfg)))
         elif args.command == "train":
-            from .distributed import is_main_process
-            from .train import train
+            from .runtime.distributed import is_main_process
+            from .runtime.train import train
 
             s = train(cfg, overwrite=args.overwrite, resume=bool(args.resume),
                       allow_config_change=args.allow_config_change)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted", "apollo")
         return 130
     finally:
-        from .distributed import shutdown
+        from .runtime.distributed import shutdown
 
         shutdown()
     return 0

@@ -6,14 +6,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from . import distributed
-from .bert2bert import load_small, small_dir, small_shape
-from .checkpoint import saved
+from .baselines.bert2bert import load_small, small_dir, small_shape
 from .config import ApolloError, MethodConfig, RunConfig, check, config_changes, load_yaml, save_yaml
 from .data import load_lm_data
-from .methods import FROM_SMALL, METHODS, resolve_method
-from .report import report_dir
-from .train import prepare_run_dir, train
+from .measure.report import report_dir
+from .method.table import FROM_SMALL, METHODS, resolve_method
+from .runtime import distributed
+from .runtime.checkpoint import saved
+from .runtime.train import prepare_run_dir, train
 
 
 def stored_compare(out: Path) -> dict:

@@ -50,7 +50,7 @@ class ModelConfig:
 class MethodConfig:
     method: str = _f("apollo", "scratch | stackbert | apollo | apollo-plus | bert2bert | ligo | zero-layer | "
                                "one-layer | gstack | midas | apollo-jump | apollo-twostep "
-                               "(apollo.methods.METHOD_TABLE)")
+                               "(apollo.method.table.METHOD_TABLE)")
     stages: tuple[int, ...] = _f((), "live layers per stage; empty = the method's default")
     switch: tuple[float, ...] = _f((), "where each later stage starts; empty = the method's default")
     switch_unit: str = _f("fraction", "fraction (of the run) | step | epoch")
@@ -142,7 +142,7 @@ class RunConfig:
 
 SECTIONS = ("model", "method", "train", "data")
 PRECISIONS = ("fp32", "bf16")
-LR_SCHEDULES = ("cosine", "wsd", "linear")  # apollo.lr_schedule.lr_at
+LR_SCHEDULES = ("cosine", "wsd", "linear")  # apollo.method.lr_schedule.lr_at
 DECAY_SHAPES = ("linear", "1-sqrt")
 
 
@@ -344,7 +344,8 @@ def check(cfg: RunConfig) -> None:
         raise ApolloError(f"--valid-fraction must be in (0, 1), got {d.valid_fraction}")
     if not 0 < d.mlm_probability < 1:
         raise ApolloError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")
-    from . import energy, trackers  # a missing tracker or energy library is one line, before anything is written
+    from .measure import energy  # a missing tracker or energy library is one line, before anything is written
+    from .runtime import trackers
 
     trackers.check(t)
     energy.check(t)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apollo.report import read_events
+from apollo.measure.report import read_events
 
 WINDOW = 5
 

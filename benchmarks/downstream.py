@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from apollo.config import ApolloError
-from apollo.finetune import FinetuneConfig, evaluate_runs, model_dir
+from apollo.evaluation.finetune import FinetuneConfig, evaluate_runs, model_dir
 
 METHODS = ("scratch", "stackbert", "apollo", "apollo-plus", "bert2bert", "ligo", "random-init")
 

@@ -27,7 +27,7 @@ import torch
 from apollo.config import MethodConfig, preset
 from apollo.data import Batches, LMData, pack_blocks, synthetic_corpus, train_tokenizer
 from apollo.models import build_model, lm_loss
-from apollo.train import train
+from apollo.runtime.train import train
 
 
 def plain_loop(name: str, batches: list[dict], sparse: bool) -> list[float]:

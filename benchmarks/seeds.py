@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apollo.report import first_reach, read_evals
+from apollo.measure.report import first_reach, read_evals
 
 SKIP = 0.10  # the first 10% of Scratch's FLOPs are excluded from the worst-gap check (issue 5)
 

@@ -2,7 +2,7 @@
 the token and position embeddings that carry it, and the smallest input std of any LayerNorm.
 
 Trains one run (the preset and method given, its first ``--steps`` steps; the data is the built-in synthetic
-corpus unless ``--data`` / ``--valid`` are given) through ``apollo.train.train``'s ``on_backward`` hook, which
+corpus unless ``--data`` / ``--valid`` are given) through ``apollo.runtime.train.train``'s ``on_backward`` hook, which
 reads the gradients before clipping. Writes ``probe.jsonl`` (one record per step) and ``probe.md`` (the steps whose
 total norm exceeds ``--threshold``) into ``--out``.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from apollo.config import DataConfig, MethodConfig, preset
-from apollo.train import train
+from apollo.runtime.train import train
 
 
 class Stop(Exception):

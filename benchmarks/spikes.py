@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from apollo.report import read_events  # noqa: E402
+from apollo.measure.report import read_events  # noqa: E402
 
 FACTOR = 10  # the threshold: a spike is a norm above 10x Scratch's largest
 

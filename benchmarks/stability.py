@@ -30,9 +30,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM  # noqa: E40
 
 from apollo.config import DataConfig, MethodConfig, preset  # noqa: E402
 from apollo.data import load_lm_data, valid_batches  # noqa: E402
+from apollo.measure.stability import GrowthProbe, Measurement, StopAtGrowth, expanded, measure  # noqa: E402
 from apollo.models import build_model  # noqa: E402
-from apollo.stability import GrowthProbe, Measurement, StopAtGrowth, expanded, measure  # noqa: E402
-from apollo.train import train  # noqa: E402
+from apollo.runtime.train import train  # noqa: E402
 
 HALF, FULL = 6, 12
 COLUMNS = "| model | val loss | grad-norm min / median / max | act mean / std / max\\|x\\| |\n|---|---|---|---|"

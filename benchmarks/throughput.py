@@ -18,10 +18,10 @@ import torch
 
 from apollo.config import preset
 from apollo.data import Batches, pack_blocks, synthetic_corpus, train_tokenizer
-from apollo.flops import fixed_flops, forward_flops
-from apollo.growth import layer_map, shared_layers
+from apollo.measure.flops import fixed_flops, forward_flops
+from apollo.method.growth import layer_map, shared_layers
 from apollo.models import build_model, hf_config, lm_loss
-from apollo.train import make_optimizer
+from apollo.runtime.train import make_optimizer
 
 
 def measure(name: str, live: int, depth: int, steps: int, warmup: int) -> dict:

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from apollo.checkpoint import saved
 from apollo.config import ApolloError, DataConfig, RunConfig, config_changes, load_yaml, preset, to_dict
 from apollo.data import load_lm_data
-from apollo.methods import FROM_SMALL, resolve_method
-from apollo.report import first_reach, read_evals, read_summary
-from apollo.train import train
+from apollo.measure.report import first_reach, read_evals, read_summary
+from apollo.method.table import FROM_SMALL, resolve_method
+from apollo.runtime.checkpoint import saved
+from apollo.runtime.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wikitext import FILES, VARIANTS, sized  # noqa: E402

@@ -42,8 +42,8 @@ from apollo.config import (
     to_dict,
 )
 from apollo.data import load_lm_data
-from apollo.methods import FROM_SMALL, resolve_method
-from apollo.train import train
+from apollo.method.table import FROM_SMALL, resolve_method
+from apollo.runtime.train import train
 
 VARIANTS = {
     "scratch": MethodConfig("scratch"),
@@ -188,7 +188,7 @@ def main() -> None:
                 continue
             data = data or load_lm_data(base.data, base.model, base.train.seed)
             train(cfg, data, overwrite=True)
-        from apollo.report import report_dir
+        from apollo.measure.report import report_dir
 
         title = (f"{args.preset} (hidden {base.model.hidden}), WikiText-2, {args.tokens / 1e6:g}M tokens, "
                  f"seed {args.seed}")

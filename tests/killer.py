@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-import apollo.checkpoint
-import apollo.train
+import apollo.runtime.checkpoint
+import apollo.runtime.train
 from apollo.cli import main
 
 
@@ -22,7 +22,7 @@ def _die() -> None:
 
 
 def _kill_at_step(n: int, die=_die, times: int = 1) -> None:
-    lr_at = apollo.train.lr_at
+    lr_at = apollo.runtime.train.lr_at
     seen = []
 
     def patched(step, *args):
@@ -32,11 +32,11 @@ def _kill_at_step(n: int, die=_die, times: int = 1) -> None:
                 die()
         return lr_at(step, *args)
 
-    apollo.train.lr_at = patched
+    apollo.runtime.train.lr_at = patched
 
 
 def _kill_in_operator(n: int) -> None:
-    operator_loss = apollo.train.operator_loss
+    operator_loss = apollo.runtime.train.operator_loss
     calls = []
 
     def patched(*args):
@@ -45,11 +45,11 @@ def _kill_in_operator(n: int) -> None:
         calls.append(1)
         return operator_loss(*args)
 
-    apollo.train.operator_loss = patched
+    apollo.runtime.train.operator_loss = patched
 
 
 def _kill_in_save(n: int) -> None:
-    save = apollo.checkpoint.torch.save
+    save = apollo.runtime.checkpoint.torch.save
 
     def patched(obj, path, *args, **kwargs):  # optimizer.pt is written; state.pt is where it dies
         if path.name == "state.pt" and obj["step"] == n:
@@ -57,7 +57,7 @@ def _kill_in_save(n: int) -> None:
             _die()
         return save(obj, path, *args, **kwargs)
 
-    apollo.checkpoint.torch.save = patched
+    apollo.runtime.checkpoint.torch.save = patched
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, Qwen2Config
 
 from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, TrainConfig
 from apollo.data import Batches, load_lm_data
-from apollo.flops import forward_flops, train_flops
-from apollo.growth import expand_layers, layer_map, shared_layers
+from apollo.measure.flops import forward_flops, train_flops
+from apollo.method.growth import expand_layers, layer_map, shared_layers
 from apollo.models import build_model, get_layers, hf_config, set_layers
-from apollo.train import train
+from apollo.runtime.train import train
 from tests.conftest import tiny_model_config
 from tests.test_cli import TINY, run_cli
 
@@ -128,7 +128,7 @@ def test_an_architecture_that_cannot_grow_is_a_clear_error():
         train_flops(model.config, 2, 32, 16)
 
 
-# ---- end to end through apollo.train.train ---------------------------------------------------------------------
+# ---- end to end through apollo.runtime.train.train ------------------------------------------------------------------
 
 
 def tiny_run(tmp_path, arch, method, steps=20) -> RunConfig:
@@ -220,7 +220,7 @@ def test_cli_trains_the_llama_tiny_preset(tmp_path):
 
 
 def test_width_growth_refuses_an_architecture_without_a_width_layout():
-    from apollo.bert2bert import small_shape
+    from apollo.baselines.bert2bert import small_shape
 
     with pytest.raises(ApolloError, match="supports for .* only, not roberta"):
         small_shape(tiny_model_config("roberta"))

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from apollo.checkpoint import saved
 from apollo.cli import main
 from apollo.config import DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig
 from apollo.data import synthetic_corpus, train_tokenizer
 from apollo.models import build_model
-from apollo.train import train
+from apollo.runtime.checkpoint import saved
+from apollo.runtime.train import train
 
 TINY = ["--layers", "12", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "512", "--seq-len", "16",
         "--batch-size", "8", "--synthetic-sentences", "1500", "--eval-blocks", "8", "--no-progress", "--steps", "20"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, RobertaConfig, RobertaForMaskedLM
 
-from apollo.bert2bert import bert2bert, check_small, expand, load_small, small_shape, widen, width_map
+from apollo.baselines.bert2bert import bert2bert, check_small, expand, load_small, small_shape, widen, width_map
 from apollo.config import ApolloError, ModelConfig
 from apollo.models import build_model, get_layers, layer_path, width_axes, width_key
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from apollo import blimp
 from apollo.cli import main
 from apollo.data import train_tokenizer
-from apollo.finetune import write_table
+from apollo.evaluation import blimp
+from apollo.evaluation.finetune import write_table
 from apollo.models import build_model
 
 WORDS = "the a cat dog house river walked saw near under big small old red blue tree ran slowly".split()

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from apollo.config import PRESET_NAMES, ApolloError, check, from_dict, load_yaml, preset, save_yaml, to_dict
-from apollo.flops import fixed_flops, forward_flops
+from apollo.measure.flops import fixed_flops, forward_flops
 from apollo.models import build_model, hf_config
 
 

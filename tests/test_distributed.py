@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from apollo.config import TrainConfig
-from apollo.train import grad_accum
+from apollo.runtime.train import grad_accum
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "6", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "512", "--seq-len", "16",

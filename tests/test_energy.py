@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from apollo.cli import main
-from apollo.report import report_dir, summarize
+from apollo.measure.report import report_dir, summarize
 from tests.test_report import SCRATCH, fake_run
 from tests.test_trackers import TINY
 

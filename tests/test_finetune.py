@@ -12,10 +12,10 @@ from conftest import tiny_model_config
 from apollo.cli import main
 from apollo.config import ApolloError
 from apollo.data import train_tokenizer
-from apollo.finetune import FinetuneConfig, _encode_glue, evaluate_runs, finetune, task_splits
-from apollo.glue import GLUE_TASKS, Example, glue_metrics, hub_to_splits, read_tsv, tsv_splits
+from apollo.evaluation.finetune import FinetuneConfig, _encode_glue, evaluate_runs, finetune, task_splits
+from apollo.evaluation.glue import GLUE_TASKS, Example, glue_metrics, hub_to_splits, read_tsv, tsv_splits
+from apollo.evaluation.squad import eval_features, postprocess, read_squad_json, squad_metrics, train_features
 from apollo.models import build_model
-from apollo.squad import eval_features, postprocess, read_squad_json, squad_metrics, train_features
 
 FILLER = "the a cat dog house river walked saw near under big small old red blue tree ran slowly".split()
 POS, NEG = ("great", "lovely", "superb"), ("awful", "boring", "dreadful")
@@ -304,7 +304,7 @@ def test_lm_perplexity_matches_the_hf_loss(models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from apollo.data import pack_blocks
-    from apollo.finetune import lm_perplexity
+    from apollo.evaluation.finetune import lm_perplexity
 
     text = tmp_path / "test.txt"
     text.write_text("\n".join(s for s, _ in _sentiment(200, 9)) + "\n")
@@ -319,7 +319,7 @@ def test_lm_perplexity_matches_the_hf_loss(models, tmp_path):
 
 
 def test_table_mean_std_average_and_perplexity(tmp_path):
-    from apollo.finetune import write_table
+    from apollo.evaluation.finetune import write_table
 
     def result(label, task, seed, value):
         metric = "accuracy" if task == "rte" else "spearman"

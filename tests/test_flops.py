@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from apollo.config import ApolloError
-from apollo.flops import fixed_flops, forward_flops, layer_flops, train_flops
+from apollo.measure.flops import fixed_flops, forward_flops, layer_flops, train_flops
 
 HIDDEN, HEADS, FFN, VOCAB, SEQ, BATCH = 64, 4, 256, 512, 32, 2
 LLAMA_FFN = 176  # 8/3 x hidden rounded up to a multiple of 8, as in the llama-tiny preset
@@ -144,7 +144,7 @@ def test_unknown_model_type_raises():
                                                (0, 0, "interpolation")])
 def test_shared_layer_step_costs_its_executed_depth(arch, live, depth, kind):
     """What the trainer counts for a step at depth d with N live layers is what that step executes."""
-    from apollo.growth import layer_map, shared_layers
+    from apollo.method.growth import layer_map, shared_layers
     from apollo.models import get_layers, set_layers
 
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def _other(kind: str, depth: int):
 def test_registered_architectures_count_their_flops_at_a_shared_depth(kind):
     """Every ADAPTERS entry finds its layers, and a 2-live-layer step at depth 5 costs what the formula says
     (grouped-query attention included); Mistral and Qwen2 slice their layers by the config's depth."""
-    from apollo.growth import layer_map, shared_layers
+    from apollo.method.growth import layer_map, shared_layers
     from apollo.models import get_layers
 
     model = _other(kind, 2)

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from apollo.config import ApolloError, TrainConfig
-from apollo.growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
+from apollo.method.growth import expand_layers, grow, interpolation_map, layer_map, shared_layers, stacking_map
 from apollo.models import ADAPTERS, build_model, get_layers
-from apollo.train import make_optimizer
+from apollo.runtime.train import make_optimizer
 from tests.conftest import tiny_model_config
 
 
@@ -169,7 +169,7 @@ def test_grow_gives_zeroed_projections_empty_moments():
 def test_grow_in_place_equals_the_rebuild_in_weights_and_adamw_state(arch, kind, moments, new_layers):
     """The Trainer's in-place growth (all slots allocated) and apollo train's rebuild give the same live layers,
     the same AdamW state per live parameter, and leave the idle slots alone."""
-    from apollo.growth import grow_in_place
+    from apollo.method.growth import grow_in_place
 
     t = TrainConfig(lr=1e-3)
     small, full = build_model(tiny_model_config(arch, layers=6), 3, seed=0), build_model(
@@ -198,7 +198,7 @@ def test_grow_in_place_equals_the_rebuild_in_weights_and_adamw_state(arch, kind,
 def test_grow_in_place_into_idle_slots_equals_the_rebuild_with_fresh_layers(arch, n_old, kind):
     """new_layers="random": the rebuild takes fresh layers from the L-layer init; in place they are the idle
     slots' own init. Both give the same layers and AdamW state; a fresh layer in a trained slot is refused."""
-    from apollo.growth import FRESH, grow_in_place
+    from apollo.method.growth import FRESH, grow_in_place
 
     t, cfg = TrainConfig(lr=1e-3), tiny_model_config(arch, layers=4)
     small, full = build_model(cfg, n_old, seed=0), build_model(cfg, 4, seed=0)

@@ -13,9 +13,9 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 
 from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, TrainConfig
 from apollo.data import Batches, load_lm_data
-from apollo.hf_trainer import ApolloConfig, ApolloTrainer
 from apollo.models import build_model, get_layers
-from apollo.train import train
+from apollo.runtime.hf_trainer import ApolloConfig, ApolloTrainer
+from apollo.runtime.train import train
 from tests.conftest import tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from apollo.bert2bert import bert2bert, width_map
-from apollo.flops import train_flops
-from apollo.ligo import LiGO, merge, operator_loss
+from apollo.baselines.bert2bert import bert2bert, width_map
+from apollo.baselines.ligo import LiGO, merge, operator_loss
+from apollo.measure.flops import train_flops
 from apollo.models import build_model, lm_loss
 from tests.test_bert2bert import LLAMA_FAMILY, cfg, gqa_cfg, gqa_trained_like, trained_like
 

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from apollo.config import ApolloError, RunConfig, TrainConfig, check
-from apollo.lr_schedule import lr_at
+from apollo.method.lr_schedule import lr_at
 
 
 def lrs(total=100, **kw) -> list[float]:

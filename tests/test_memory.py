@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from apollo.config import ApolloError, TrainConfig
-from apollo.memory import check_fits, estimate_bytes, parameters
 from apollo.models import build_model, lm_loss
+from apollo.runtime.memory import check_fits, estimate_bytes, parameters
 from tests.conftest import tiny_model_config
 
 FACTOR = 3  # the activation estimate is within this factor of the tensors autograd really saves

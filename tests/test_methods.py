@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, TrainConfig
-from apollo.flops import train_flops
-from apollo.growth import FRESH, expand_layers, expansion_source, grow, layer_map, middle_map
-from apollo.methods import METHOD_TABLE, METHODS, prop_schedule, resolve_method
+from apollo.measure.flops import train_flops
+from apollo.measure.plan import format_plan, plan
+from apollo.method.growth import FRESH, expand_layers, expansion_source, grow, layer_map, middle_map
+from apollo.method.sampling import DepthSampler, depth_distribution
+from apollo.method.table import METHOD_TABLE, METHODS, prop_schedule, resolve_method
 from apollo.models import build_model, get_layers
-from apollo.plan import format_plan, plan
-from apollo.sampling import DepthSampler, depth_distribution
-from apollo.train import make_optimizer, train
+from apollo.runtime.train import make_optimizer, train
 from tests.conftest import tiny_model_config
 
 

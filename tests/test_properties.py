@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apollo.config import ApolloError
-from apollo.growth import interpolation_map, layer_map, stacking_map
-from apollo.sampling import SAMPLERS, depth_distribution, sample_depths
+from apollo.method.growth import interpolation_map, layer_map, stacking_map
+from apollo.method.sampling import SAMPLERS, depth_distribution, sample_depths
 
 
 @st.composite

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from apollo.config import MethodConfig, RunConfig, save_yaml
-from apollo.report import depth_histograms, first_reach, plot_depth_histograms, report_dir, summarize
-from apollo.sampling import depth_distribution
+from apollo.measure.report import depth_histograms, first_reach, plot_depth_histograms, report_dir, summarize
+from apollo.method.sampling import depth_distribution
 from tests.conftest import tiny_model_config
 
 
@@ -134,7 +134,7 @@ def test_depth_histogram_uses_the_runs_sampler(tmp_path, sampler):
 
 
 def test_flat_target_warning_only_when_scratch_reaches_its_final_loss_early():
-    from apollo.report import Row, flat_target_warning
+    from apollo.measure.report import Row, flat_target_warning
 
     def row(method, saving):
         return Row(method, 6.0, None, 10.0, 1.0, 100.0, 1.0, 0.0, saving, saving)

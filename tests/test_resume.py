@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import apollo.checkpoint
 import apollo.models
-import apollo.train
+import apollo.runtime.checkpoint
+import apollo.runtime.train
 from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, TrainConfig
-from apollo.train import train
+from apollo.runtime.train import train
 from tests.conftest import tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, method):
         assert r.returncode == -9, r.stderr
         if kind == "save":  # the killed save left its partial copy; the latest complete checkpoint is older
             assert (run / "checkpoints" / f".step-{point:08d}.tmp").is_dir()
-            assert apollo.checkpoint.saved(run)[-1].name == f"step-{point - 4:08d}"
+            assert apollo.runtime.checkpoint.saved(run)[-1].name == f"step-{point - 4:08d}"
     r = cli("train", "--resume", str(run))
     assert r.returncode == 0, r.stderr
     a, b = weights(tmp_path / "ref"), weights(run)
@@ -130,8 +130,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     with pytest.raises(ApolloError, match=r"loss nan .* at step 6: stopped; resume from .*step-00000004"):
         train(tiny(tmp_path))
     run = tmp_path / "run"
-    assert [p.name for p in apollo.checkpoint.saved(run)] == ["step-00000004"]
-    assert apollo.checkpoint.load(run).step == 4
+    assert [p.name for p in apollo.runtime.checkpoint.saved(run)] == ["step-00000004"]
+    assert apollo.runtime.checkpoint.load(run).step == 4
     assert not (run / "model").exists()
 
 
@@ -148,7 +148,7 @@ def test_skip_nonfinite_skips_a_bounded_number_of_bad_steps(tmp_path, monkeypatc
 
 
 def test_full_disk_during_a_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    save_model = apollo.checkpoint.save_model
+    save_model = apollo.runtime.checkpoint.save_model
 
     def full_disk(model, filename, *args, **kwargs):
         if "step-00000008" in filename:
@@ -156,12 +156,12 @@ def test_full_disk_during_a_save_keeps_the_last_good_checkpoint(tmp_path, monkey
             raise OSError(errno.ENOSPC, "No space left on device")
         return save_model(model, filename, *args, **kwargs)
 
-    monkeypatch.setattr(apollo.checkpoint, "save_model", full_disk)
+    monkeypatch.setattr(apollo.runtime.checkpoint, "save_model", full_disk)
     with pytest.raises(ApolloError, match=r"no space left on device; the last good checkpoint .*step-00000004 is"):
         train(tiny(tmp_path))
     run = tmp_path / "run"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000004"]  # no partial copy left
-    assert apollo.checkpoint.load(run).step == 4
+    assert apollo.runtime.checkpoint.load(run).step == 4
 
 
 class _Payload:
@@ -176,7 +176,7 @@ class _Payload:
 
 def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tmp_path):
     train(tiny(tmp_path))
-    ckpt = apollo.checkpoint.saved(tmp_path / "run")[-1]
+    ckpt = apollo.runtime.checkpoint.saved(tmp_path / "run")[-1]
     marker = tmp_path / "pwned"
     state = torch.load(ckpt / "state.pt", weights_only=True)
     state["counters"] = _Payload(marker)
@@ -224,7 +224,7 @@ def test_resume_refuses_changed_training_text(tmp_path, monkeypatch):
 def test_no_code_execution_paths_in_the_package():
     """Safe YAML, weights-only torch.load, no eval/exec/pickle, nothing handed to a shell (checked on the AST)."""
     torch_loads = 0
-    for path in (ROOT / "apollo").glob("*.py"):
+    for path in (ROOT / "apollo").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
@@ -245,7 +245,7 @@ def test_no_code_execution_paths_in_the_package():
                 torch_loads += 1
                 assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
                            for k in node.keywords), path
-    assert torch_loads == 1  # checkpoint._torch_load
+    assert torch_loads == 1  # runtime.checkpoint._torch_load
 
 
 def test_wsd_schedule_resumes_bit_identical_and_is_part_of_the_resume_check(tmp_path):
@@ -276,7 +276,7 @@ def test_sigterm_checkpoints_the_step_it_interrupts_and_resumes_bit_identical(tm
     assert r.returncode == 143, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.startswith("apollo")]
     assert lines == [f"apollo: SIGTERM at step 7/18: checkpoint written; continue with --resume {run}"], r.stderr
-    assert [p.name for p in apollo.checkpoint.saved(run)] == ["step-00000007"]
+    assert [p.name for p in apollo.runtime.checkpoint.saved(run)] == ["step-00000007"]
     r = cli("train", "--resume", str(run))
     assert r.returncode == 0, r.stderr
     a, b = weights(tmp_path / "ref"), weights(run)
@@ -297,7 +297,7 @@ def test_a_killed_compare_resumes_keeping_what_finished(tmp_path):
     r = cli(*args, "--out", str(out), killer=["again", "6"])  # at step 6 of the second method (stackbert)
     assert r.returncode == -9
     assert (out / "scratch" / "summary.json").exists() and not (out / "stackbert" / "summary.json").exists()
-    assert apollo.checkpoint.saved(out / "stackbert") and not (out / "apollo").exists()
+    assert apollo.runtime.checkpoint.saved(out / "stackbert") and not (out / "apollo").exists()
     finished = (out / "scratch" / "summary.json").stat().st_mtime_ns
     r = cli("compare", "--resume", str(out))
     assert r.returncode == 0, r.stderr
@@ -328,7 +328,7 @@ def test_ligo_killed_in_its_operator_phase_resumes_bit_identical(tmp_path):
     run = tmp_path / "run"
     r = cli(*args, "--out", str(run), killer=["operator", "6"])
     assert r.returncode == -9, r.stderr
-    state = torch.load(apollo.checkpoint.saved(run)[-1] / "state.pt", weights_only=True)
+    state = torch.load(apollo.runtime.checkpoint.saved(run)[-1] / "state.pt", weights_only=True)
     assert state["step"] == 0 and state["operator_step"] == 4
     r = cli("train", "--resume", str(run))
     assert r.returncode == 0, r.stderr

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from apollo.config import ApolloError
-from apollo.sampling import SAMPLERS, DepthSampler, depth_distribution, sample_depths
+from apollo.method.sampling import SAMPLERS, DepthSampler, depth_distribution, sample_depths
 
 DRAWS = 200_000
 

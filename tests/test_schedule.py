@@ -1,8 +1,8 @@
 import pytest
 
 from apollo.config import ApolloError, MethodConfig
-from apollo.methods import resolve_method
-from apollo.schedule import resolve_schedule
+from apollo.method.schedule import resolve_schedule
+from apollo.method.table import resolve_method
 
 
 def test_fractions_give_paper_proportions():

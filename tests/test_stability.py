@@ -1,4 +1,4 @@
-"""apollo.stability: the measurements of the stability study (paper Tables 2-3, Fig. 5), on tiny models."""
+"""apollo.measure.stability: the measurements of the stability study (paper Tables 2-3, Fig. 5), on tiny models."""
 
 import dataclasses
 
@@ -7,10 +7,10 @@ import torch
 
 from apollo.config import DataConfig, MethodConfig, RunConfig, TrainConfig
 from apollo.data import LMData, pack_blocks, synthetic_corpus, train_tokenizer, valid_batches
-from apollo.growth import expand_layers, layer_map
+from apollo.measure.stability import GrowthProbe, StopAtGrowth, expanded, measure
+from apollo.method.growth import expand_layers, layer_map
 from apollo.models import build_model, get_layers, lm_loss
-from apollo.stability import GrowthProbe, StopAtGrowth, expanded, measure
-from apollo.train import evaluate, train
+from apollo.runtime.train import evaluate, train
 from tests.conftest import tiny_model_config
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from apollo.cli import build_parser, main, resolve_config
 from apollo.config import ApolloError, RunConfig
-from apollo.trackers import Trackers, names, scalars
+from apollo.runtime.trackers import Trackers, names, scalars
 
 TINY = ["--layers", "12", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "512", "--seq-len", "16",
         "--batch-size", "8", "--synthetic-sentences", "1200", "--eval-blocks", "8", "--no-progress", "--threads", "1"]

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 
 from apollo.compare import compare
 from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, TrainConfig
-from apollo.train import lr_at, train
+from apollo.runtime.train import lr_at, train
 from tests.conftest import tiny_model_config
 
 
@@ -58,7 +58,7 @@ def test_saved_model_reloads_with_from_pretrained(tmp_path, arch):
     from apollo.data import load_lm_data, valid_batches
     data = load_lm_data(cfg.data, cfg.model, cfg.train.seed)
     batches = valid_batches(data.valid, 8, data.tokenizer, data.mlm, 0.15, 0, 16)
-    from apollo.train import evaluate
+    from apollo.runtime.train import evaluate
 
     assert abs(evaluate(model, batches, list(range(12)), data.mlm) - records(tmp_path / f"{arch}-apollo", "eval")[-1][
         "val_loss"]) < 1e-4
@@ -120,7 +120,7 @@ def test_compare_writes_table_csv_and_plot(tmp_path):
 
 def test_test_split_is_scored_once_at_the_end_at_full_depth(tmp_path, arch):
     from apollo.data import synthetic_corpus
-    from apollo.train import evaluate
+    from apollo.runtime.train import evaluate
 
     test_file = tmp_path / "test.txt"
     test_file.write_text("\n".join(synthetic_corpus(200, seed=7)), encoding="utf-8")

@@ -23,8 +23,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from apollo.config import ApolloError, DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig
 from apollo.data import load_lm_data
-from apollo.flops import StepFlops
-from apollo.growth import expand_layers, layer_map, shared_layers
+from apollo.measure.flops import StepFlops
+from apollo.method.growth import expand_layers, layer_map, shared_layers
 from apollo.models import (
     ADAPTERS,
     build_model,
@@ -35,7 +35,7 @@ from apollo.models import (
     lm_loss,
     model_adapter,
 )
-from apollo.train import head_tokens, train
+from apollo.runtime.train import head_tokens, train
 
 MODEL_TYPES = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_MASKED_LM_MAPPING_NAMES))
 SIZE = {"layers": 4, "hidden": 32, "heads": 2, "ffn": 64, "vocab": 512, "seq_len": 16}

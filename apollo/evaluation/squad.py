@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ApolloError
+from ..config import ApolloError
 
 SQUAD_TASKS = ("squad", "squad_v2")
 _PUNCTUATION = frozenset(string.punctuation)

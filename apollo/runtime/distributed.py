@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import ApolloError
+from ..config import ApolloError
 
 
 @dataclass(frozen=True)

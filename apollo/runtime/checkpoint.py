@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .config import ApolloError, RunConfig, load_yaml, save_yaml
+from ..config import ApolloError, RunConfig, load_yaml, save_yaml
 
 FORMAT = 1
 FILES = ("model.safetensors", "optimizer.pt", "state.pt", "config.yaml", "tokenizer")

@@ -22,7 +22,7 @@ import logging
 import re
 from pathlib import Path
 
-from .config import ApolloError, TrainConfig
+from ..config import ApolloError, TrainConfig
 
 ENERGY_MODES = ("off", "auto", "on")
 TRACKING_MODES = ("process", "machine")

@@ -16,12 +16,12 @@ import os
 
 import torch
 
-from .config import ApolloError, ModelConfig, TrainConfig
+from ..config import ApolloError, ModelConfig, TrainConfig
 
 
 def parameters(m: ModelConfig) -> int:
     """Parameter count of the L-layer model (meta-built 1- and 2-layer copies, extrapolated)."""
-    from .models import build_model
+    from ..models import build_model
 
     def count(layers: int) -> int:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):

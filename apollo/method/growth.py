@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .config import ApolloError
-from .models import depth_state, get_layers, layer_path, renumber_layers, residual_outputs, set_layers
+from ..config import ApolloError
+from ..models import depth_state, get_layers, layer_path, renumber_layers, residual_outputs, set_layers
 
 GROWTH = ("interpolation", "stacking", "middle")
 MOMENTS = ("copy", "reset", "fresh")  # fresh: a new AdamW for every parameter (G_stack)
@@ -201,7 +201,7 @@ def grow(model: nn.Module, optimizer: torch.optim.Optimizer, n_new: int, kind: s
 @torch.no_grad()
 def grow_in_place(model: nn.Module, optimizer: torch.optim.Optimizer, n_old: int, n_new: int, kind: str,
                   moments: str, new_layers: str = "copy") -> list[int]:
-    """``grow`` for a model that holds all L layer slots from step 0 (``hf_trainer.py``): slots ``0..n_old-1``
+    """``grow`` for a model that holds all L layer slots from step 0 (``runtime/hf_trainer.py``): slots ``0..n_old-1``
     are live; afterwards slot ``j < n_new`` holds a copy of old slot ``source[j]`` (the same ``layer_map``),
     weights **and** AdamW state copied between existing parameters, so the optimizer, LR scheduler and a DDP
     wrapper built over all slots stay valid. The state policy is ``grow``'s: ``copy`` gives each new slot its

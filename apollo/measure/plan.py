@@ -1,6 +1,6 @@
 """``apollo plan``: the stage schedule a method will use for a budget and the FLOPs it will cost, without training.
 
-It uses the training loop's own parts: ``methods.resolve_method`` (the method's stages and switch points),
+It uses the training loop's own parts: ``table.resolve_method`` (the method's stages and switch points),
 ``train.total_steps`` (the run length), ``schedule.resolve_schedule`` (switch points in steps),
 ``sampling.depth_distribution`` (the analytic depth density of each stage) and ``flops.StepFlops`` (a step's
 FLOPs at a depth). A step's expected FLOPs are ``sum_d P(d) * StepFlops.train(d, ...)`` per micro-batch; so the
@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import ApolloError, MethodConfig, RunConfig, check
+from ..config import ApolloError, MethodConfig, RunConfig, check
+from ..method.sampling import depth_distribution
+from ..method.schedule import resolve_schedule
+from ..method.table import METHOD_TABLE, method_spec, resolve_method
+from ..models import hf_config, is_masked, resolve_model
+from ..runtime.train import grad_accum, total_steps
 from .flops import StepFlops
-from .methods import METHOD_TABLE, method_spec, resolve_method
-from .models import hf_config, is_masked, resolve_model
-from .sampling import depth_distribution
-from .schedule import resolve_schedule
-from .train import grad_accum, total_steps
 
 
 @dataclass(frozen=True)

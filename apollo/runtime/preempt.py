@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from .config import ApolloError
+from ..config import ApolloError
 
 
 class Preempted(ApolloError):

@@ -26,21 +26,21 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from ..baselines.bert2bert import bert2bert, load_small, small_dir, width_map
+from ..baselines.ligo import LiGO, merge, operator_loss
+from ..config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, config_changes, save_yaml
+from ..data import Batches, LMData, load_lm_data, valid_batches
+from ..measure.energy import EnergyMeter
+from ..measure.flops import StepFlops, train_flops
+from ..method.growth import eval_map, grow, layer_map, shared_layers
+from ..method.lr_schedule import lr_at
+from ..method.sampling import DepthSampler
+from ..method.schedule import resolve_schedule
+from ..method.table import resolve_method
+from ..models import LMLoss, build_model, get_layers, lm_loss, resolve_model
 from . import checkpoint, distributed
-from .bert2bert import bert2bert, load_small, small_dir, width_map
-from .config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, config_changes, save_yaml
-from .data import Batches, LMData, load_lm_data, valid_batches
-from .energy import EnergyMeter
-from .flops import StepFlops, train_flops
-from .growth import eval_map, grow, layer_map, shared_layers
-from .ligo import LiGO, merge, operator_loss
-from .lr_schedule import lr_at
 from .memory import check_fits
-from .methods import resolve_method
-from .models import LMLoss, build_model, get_layers, lm_loss, resolve_model
 from .preempt import Preempted, sigterm_stops
-from .sampling import DepthSampler
-from .schedule import resolve_schedule
 from .trackers import Trackers
 
 

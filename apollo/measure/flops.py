@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ApolloError
-from .models import ADAPTERS, adapter, find_depth_field, is_masked, lm_class, model_adapter, set_depth
+from ..config import ApolloError
+from ..models import ADAPTERS, adapter, find_depth_field, is_masked, lm_class, model_adapter, set_depth
 
 
 @dataclass(frozen=True)

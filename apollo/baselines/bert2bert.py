@@ -46,9 +46,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .config import ApolloError, ModelConfig
-from .growth import expand_layers, zeroed_params
-from .models import (
+from ..config import ApolloError, ModelConfig
+from ..method.growth import expand_layers, zeroed_params
+from ..models import (
     ADAPTERS,
     SIZE_FIELDS,
     WIDTH_AXES,

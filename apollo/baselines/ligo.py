@@ -24,9 +24,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..method.growth import stacking_map
+from ..models import LMLoss, get_layers, layer_path, width_axes, width_key
 from .bert2bert import WidthMap
-from .growth import stacking_map
-from .models import LMLoss, get_layers, layer_path, width_axes, width_key
 
 
 def _slot(key: str) -> str:

@@ -6,7 +6,7 @@ stopping on its headline metric, and the test split scored once with the best de
 labels are hidden (SST-2, WNLI, SQuAD) are scored on their official dev split, and a dev split of ``dev_size``
 examples is held out of train for early stopping instead, so no reported number was used for model selection.
 ``evaluate_runs`` repeats that for every run x task x seed and writes the table; its task ``blimp`` is zero-shot
-(``apollo.blimp``: no fine-tuning, one score per run).
+(``apollo.evaluation.blimp``: no fine-tuning, one score per run).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from ..config import ApolloError, load_yaml
+from ..models import is_masked, max_tokens
 from . import squad
-from .config import ApolloError, load_yaml
 from .glue import GLUE_TASKS, Example, glue_metrics, hub_splits, tsv_splits
-from .models import is_masked, max_tokens
 
 TASKS = (*GLUE_TASKS, *squad.SQUAD_TASKS)
-BLIMP = "blimp"  # zero-shot, in evaluate only (apollo.blimp)
+BLIMP = "blimp"  # zero-shot, in evaluate only (apollo.evaluation.blimp)
 HEADLINE = {**{name: t.metrics[0] for name, t in GLUE_TASKS.items()}, "squad": "f1", "squad_v2": "f1",
             BLIMP: "accuracy"}
 
@@ -294,9 +294,9 @@ def lm_perplexity(run: Path, files: list[str]) -> float:
     over a fixed seeded 15% mask (an MLM perplexity, comparable only between BERT runs)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from .data import pack_blocks, read_text_files, valid_batches
-    from .models import get_layers
-    from .train import evaluate
+    from ..data import pack_blocks, read_text_files, valid_batches
+    from ..models import get_layers
+    from ..runtime.train import evaluate
 
     path = model_dir(run)
     config = AutoConfig.from_pretrained(path)
@@ -362,8 +362,8 @@ def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: Fin
                   lm_test: list[str] = (), log=print, blimp_dir: str = "", max_pairs: int = 0) -> str:
     """Fine-tune every run on every task with every seed and write the table. Finished fine-tunes in ``out`` with
     the same settings (any thread count) are kept, so an interrupted evaluation resumes. Task ``blimp`` scores each
-    run zero-shot on the BLiMP files in ``blimp_dir`` (``max_pairs`` per paradigm; apollo.blimp) and also writes
-    ``blimp.md`` / ``blimp.csv``."""
+    run zero-shot on the BLiMP files in ``blimp_dir`` (``max_pairs`` per paradigm; apollo.evaluation.blimp) and
+    also writes ``blimp.md`` / ``blimp.csv``."""
     unknown = [t for t in tasks if t not in (*TASKS, BLIMP)]
     if unknown:
         raise ApolloError(f"unknown task {unknown[0]!r} (choose from {', '.join((*TASKS, BLIMP))})")

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ApolloError, RunConfig, TrainConfig, to_dict
+from ..config import ApolloError, RunConfig, TrainConfig, to_dict
 
 # name -> (module to import, pip package)
 TRACKERS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),

@@ -32,9 +32,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, BatchEncoding
 from transformers.utils import logging as hf_logging
 
-from .config import ApolloError
+from ..config import ApolloError
+from ..models import is_masked, max_tokens
 from .finetune import _quiet, model_dir
-from .models import is_masked, max_tokens
 
 HUB = "hub"  # --blimp-dir hub: the `datasets` copy (needs internet)
 HUB_ID = "nyu-mll/blimp"

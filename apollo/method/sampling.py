@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .config import ApolloError
+from ..config import ApolloError
 
 X_MIN = 1e-6
 E = 0.6  # y at x = 1
@@ -114,7 +114,7 @@ class DepthSampler:
     ``draw(n_live, i)`` continues the generator when ``i`` is the next index, and otherwise replays the stream
     from the seed up to ``i`` in one vectorised call. That is exact because every sampler consumes one number per
     draw whatever ``n_live`` is (a float64 for LVPS / ES, one integer for US; FS and none consume nothing), so a
-    resumed run, another rank or a ``transformers.Trainer`` that restarts at a step (``hf_trainer.py``) draws
+    resumed run, another rank or a ``transformers.Trainer`` that restarts at a step (``runtime/hf_trainer.py``) draws
     the same depths as an uninterrupted ``apollo train`` with no sampler state of its own.
     """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from .config import ApolloError
+from ..config import ApolloError
 
 UNITS = ("fraction", "step", "epoch")
 

@@ -3,8 +3,8 @@ map, new-layer init, AdamW-state policy, LR re-warmup, where the model starts) w
 
 ``resolve_method`` fills each empty ``MethodConfig`` field (what the user did not set) from the method's entry.
 A new progressive method is one entry here (plus its growth map in ``growth.py`` if it needs a new one);
-bert2BERT and LiGO start from a grown trained small model (``bert2bert.py``, ``ligo.py``) and then train at
-full depth.
+bert2BERT and LiGO start from a grown trained small model (``baselines/bert2bert.py``, ``baselines/ligo.py``)
+and then train at full depth.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .bert2bert import WIDTH_INITS
-from .config import ApolloError, MethodConfig
+from ..baselines.bert2bert import WIDTH_INITS
+from ..config import ApolloError, MethodConfig
 from .growth import GROWTH, MOMENTS, NEW_LAYERS
 from .sampling import SAMPLERS
 from .schedule import check_stages

@@ -5,7 +5,7 @@ gradient norms than stacking (Eq. 11) and keeps the distribution of the output a
 one model on fixed validation batches: the token-weighted loss, the total gradient norm of each batch's LM loss
 over all parameters, and the output of the last executed layer (for GPT-2, the residual stream before the final
 LayerNorm). It leaves the model's parameters, gradients, train/eval mode and the global torch RNG as they were,
-so ``GrowthProbe`` can run it inside ``apollo.train.train`` at a growth without changing the run.
+so ``GrowthProbe`` can run it inside ``apollo.runtime.train.train`` at a growth without changing the run.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .growth import expand_layers, shared_layers
-from .models import get_layers, lm_loss
+from ..method.growth import expand_layers, shared_layers
+from ..models import get_layers, lm_loss
 
 SAMPLE_PER_BATCH = 8192  # activation values kept per batch for the histograms (every k-th element, no RNG)
 
@@ -52,7 +52,7 @@ def measure(model: nn.Module, batches: list[dict], mlm: bool, positions: list[in
     """Loss, per-batch gradient norms and output-activation statistics of ``model`` on ``batches``.
 
     ``positions``: the layer map to run (``shared_layers``); default all live layers in order. The loss is the
-    mean per predicted token over all batches (as ``apollo.train.evaluate``); each gradient norm is that of one
+    mean per predicted token over all batches (as ``apollo.runtime.train.evaluate``); each gradient norm is that of one
     batch's mean loss. Runs in eval mode; parameters, gradients, mode and the torch RNG state are restored.
     """
     params = list(model.parameters())
@@ -115,7 +115,7 @@ class StopAtGrowth(Exception):
 
 
 class GrowthProbe:
-    """An ``on_grow`` hook for ``apollo.train.train`` measuring both sides of the ``n_from -> n_to`` growth.
+    """An ``on_grow`` hook for ``apollo.runtime.train.train`` measuring both sides of the ``n_from -> n_to`` growth.
 
     Before the growth it measures the ``n_from`` live layers at their own depth (``before@live``) and at full
     depth through the run's layer map (``before@full``, the weights shared as Apollo runs them); after it, the

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:

@@ -23,9 +23,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .config import load_yaml  # noqa: E402
-from .methods import resolve_method  # noqa: E402
-from .sampling import depth_distribution  # noqa: E402
+from ..config import load_yaml  # noqa: E402
+from ..method.sampling import depth_distribution  # noqa: E402
+from ..method.table import resolve_method  # noqa: E402
 
 
 @dataclass

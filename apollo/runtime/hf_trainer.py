@@ -12,7 +12,7 @@ wrapper stay valid and a ``resume_from_checkpoint`` loads into the same shapes. 
 of optimizer step ``s`` is draw ``s * accumulation + m`` of the run's seeded sampler (``DepthSampler.draw``), so
 every rank and a resumed run draw the same depths with no extra state; the stage follows from the step.
 
-The method itself is apollo's, not a copy: ``methods.resolve_method`` (stages, switch points, sampler, growth
+The method itself is apollo's, not a copy: ``table.resolve_method`` (stages, switch points, sampler, growth
 map, policies), ``schedule.resolve_schedule``, ``sampling.DepthSampler``, ``growth.layer_map`` /
 ``shared_layers``, ``models.lm_loss`` and ``flops.StepFlops`` are the ones ``apollo train`` runs.
 ``floating_point_ops`` returns the FLOPs of the depth actually executed, so ``state.total_flos`` is honest.
@@ -24,13 +24,13 @@ import logging
 
 from transformers import Trainer
 
-from .config import ApolloError, MethodConfig
-from .flops import StepFlops
-from .growth import eval_map, grow_in_place, layer_map, shared_layers
-from .methods import FROM_SMALL, resolve_method
-from .models import get_layers, is_masked, lm_loss
-from .sampling import DepthSampler
-from .schedule import Schedule, resolve_schedule
+from ..config import ApolloError, MethodConfig
+from ..measure.flops import StepFlops
+from ..method.growth import eval_map, grow_in_place, layer_map, shared_layers
+from ..method.sampling import DepthSampler
+from ..method.schedule import Schedule, resolve_schedule
+from ..method.table import FROM_SMALL, resolve_method
+from ..models import get_layers, is_masked, lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ApolloTrainer(Trainer):
     Supported: gradient accumulation, ``save_steps`` checkpoints and ``resume_from_checkpoint``, evaluation
     (at full depth through the current layer map), ``report_to``, bf16, and ``torchrun`` / ``accelerate launch``
     data parallelism (DDP with ``find_unused_parameters``). Refused with one line: DeepSpeed, FSDP,
-    ``torch_compile``, bert2bert / ligo (grow the model with ``apollo.bert2bert`` first and train it with
+    ``torch_compile``, bert2bert / ligo (grow the model with ``apollo.baselines.bert2bert`` first and train it with
     ``method="scratch"``) and ``rewarm``.
     """
 
