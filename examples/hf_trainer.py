@@ -16,7 +16,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from apollo.runtime.hf_trainer import ApolloConfig, ApolloTrainer
+from apollo import ApolloConfig, ApolloTrainer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--data", required=True, help="a plain-text training file")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from transformers import TrainingArguments, default_data_collator
 
+from apollo import ApolloConfig, ApolloTrainer
 from apollo.config import DataConfig, ModelConfig
 from apollo.data import load_lm_data
 from apollo.models import build_model
-from apollo.runtime.hf_trainer import ApolloConfig, ApolloTrainer
 
 out = Path(sys.argv[1])
 m = ModelConfig(arch="gpt2", layers=6, hidden=32, heads=2, ffn=64, vocab=512, seq_len=16, dropout=0.0)

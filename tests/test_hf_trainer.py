@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
+from apollo import ApolloConfig, ApolloTrainer
 from apollo.config import ApolloError, DataConfig, MethodConfig, RunConfig, TrainConfig
 from apollo.data import Batches, load_lm_data
 from apollo.models import build_model, get_layers
-from apollo.runtime.hf_trainer import ApolloConfig, ApolloTrainer
 from apollo.runtime.train import train
 from tests.conftest import tiny_model_config
 
