@@ -16,6 +16,7 @@ from .config import (
     SECTIONS,
     ApolloError,
     RunConfig,
+    check,
     from_dict,
     load_yaml,
     preset,
@@ -54,10 +55,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                 group.add_argument(flag, metavar=tp.__name__.upper(), **kw)
 
 
+_DRY_RUN = ("resolve the config and make every check a run makes before it reads data, print the resolved config "
+            "and the stage plan, and exit: nothing is trained, read or written")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="apollo", description="Progressive depth training (Apollo, AAAI 2024) on HF models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train one run (scratch, stackbert, apollo, apollo-plus, bert2bert or ligo)")
+    train = sub.add_parser("train", help="train one run of one method (--method)")
     _add_config_flags(train)
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its latest checkpoint (its config; flags may change only "
@@ -65,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--report-to, --energy, --country-iso-code, --energy-tracking-mode)")
     train.add_argument("--allow-config-change", action="store_true",
                        help="with --resume: accept flags that change the result, and list them")
+    train.add_argument("--dry-run", action="store_true", help=_DRY_RUN)
     compare = sub.add_parser("compare", help="train several methods on the same budget and report the saving")
     compare.add_argument("--methods", default="scratch,stackbert,apollo", help="comma-separated method names")
     compare.add_argument("--small-hidden", type=int, default=0,
@@ -75,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--resume", metavar="OUT",
                          help="continue an interrupted compare in OUT: finished methods are kept, the interrupted one "
                               "resumes from its checkpoint, the rest run (its own config and methods)")
+    compare.add_argument("--dry-run", action="store_true", help=_DRY_RUN)
     _add_config_flags(compare, skip=("method",))
     plan = sub.add_parser("plan", help="print a method's stage schedule and expected FLOPs for a budget, without "
                                        "training (no --method: every method)")
@@ -189,6 +196,95 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def _check_run_dir(out: Path, overwrite: bool) -> None:
+    """The refusals of ``runtime.train.prepare_run_dir``, without its changes to the folder."""
+    if out.exists() and not out.is_dir():
+        raise ApolloError(f"run directory {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ApolloError(f"run directory {out} already exists (use --overwrite to replace it)")
+        if not (out / "config.yaml").exists():
+            raise ApolloError(f"refusing to overwrite {out}: it does not look like an apollo run directory")
+
+
+def _check_data_files(cfg: RunConfig) -> None:
+    """Local data files exist and are files (not read: that is the run's data loading)."""
+    if cfg.data.dataset:  # --data / --valid are then the loader's data_files (patterns are allowed)
+        return
+    for path in (*cfg.data.data, *cfg.data.valid, *cfg.data.test):
+        p = Path(path)
+        if not p.exists():
+            raise ApolloError(f"data file not found: {path}")
+        if p.is_dir():
+            raise ApolloError(f"data file is a directory: {path}")
+
+
+def _yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip()
+
+
+def _dry_run(args: argparse.Namespace, cfg: RunConfig) -> str:
+    """``train`` / ``compare`` with ``--dry-run``: the checks a run makes before it reads data (config, method,
+    device, memory, run directory, resume point, small model), plus that the local data files exist; returns the
+    resolved config and the stage plan. Nothing is trained, read (but a --small-model or --resume checkpoint) or
+    written; no process group is joined."""
+    from .measure.plan import format_plan, format_table, plan
+    from .method.table import resolve_method
+    from .models import resolve_model
+    from .runtime.distributed import resolve_device
+    from .runtime.memory import check_fits
+    from .runtime.train import grad_accum
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check(cfg)
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
+    t = cfg.train
+    if args.command == "train":
+        method = resolve_method(cfg.method, cfg.model.layers)
+        small_cfg, configs = None, {method.method: cfg.method}
+    else:
+        from .compare import checked, stored_compare
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        small = (args.small_hidden, args.small_layers)
+        if args.resume:
+            stored = stored_compare(Path(args.resume))
+            methods, small = stored["methods"], (stored["small_hidden"], stored["small_layers"])
+        small_cfg, configs = checked(cfg, methods, *small)
+    check_fits(cfg.model, t, resolve_device(t.device, int(os.environ.get("LOCAL_RANK", "0"))))
+    grad_accum(t, world)
+    if args.resume:  # the run folder exists; train checks its latest checkpoint against the config
+        if args.command == "train":
+            from .runtime.train import _resume_point
+
+            _resume_point(dataclasses.replace(cfg, method=method), args.allow_config_change)
+    else:
+        _check_run_dir(Path(cfg.out), args.overwrite)
+        if args.command == "train" and method.small_model:
+            from .baselines.bert2bert import load_small
+
+            load_small(method.small_model, cfg.model)
+    _check_data_files(cfg)
+    shown = dataclasses.replace(cfg, method=method) if args.command == "train" else cfg
+    where = cfg.out if args.command == "train" else f"{cfg.out} (compare), {cfg.out}/<method> (each run)"
+    lines = [f"# apollo {args.command} --dry-run: checked; nothing trained, read or written",
+             f"# the resolved config, as {Path(cfg.out) / 'config.yaml'} will hold it; runs into {where}",
+             _yaml(shown), ""]
+    if not (t.steps or t.tokens):
+        lines.append("stage plan: the run length is in --epochs, so its steps depend on the data (not read here)")
+        return "\n".join(lines)
+    plans = [plan(dataclasses.replace(cfg, method=c), world) for c in configs.values()]
+    lines.append(format_plan(plans[0]) if args.command == "train" else format_table(plans))
+    if small_cfg is not None:
+        s = plan(small_cfg, world)
+        lines += ["", f"small model for bert2bert / ligo, trained first into {small_cfg.out} (scratch, hidden "
+                  f"{small_cfg.model.hidden}, {small_cfg.model.layers} layers): {s.flops / 1e12:.3f} TFLOPs = "
+                  f"{100 * s.flops / plans[0].scratch_flops:.1f}% of the target's Scratch"]
+    return "\n".join(lines)
+
+
 def _error(message: str, prefix: str = "apollo: error") -> None:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank reports, so a failure on one is not hidden
     print(f"{prefix}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
@@ -205,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             _downstream(args)
             return 0
         cfg = resolve_config(args)
-        if args.command == "plan":
+        if getattr(args, "dry_run", False):
+            print(_dry_run(args, cfg))
+        elif args.command == "plan":
             from .measure.plan import format_plan, format_table, plan, plan_all
 
             print(format_plan(plan(cfg)) if getattr(args, "method.method") else format_table(plan_all(cfg)))

@@ -40,18 +40,11 @@ def _run(cfg: RunConfig, data, resume: bool) -> None:
         train(cfg, data, overwrite=resume)  # on resume: a method killed before its first checkpoint restarts
 
 
-def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_hidden: int = 0,
-            small_layers: int = 0, resume: bool = False) -> str:
-    """Train each method into ``cfg.out/<method>``, then write the report (``report.report_dir``): results.md/.csv,
-    loss_vs_flops.png, loss_vs_wall.png and depth_<method>.png for each method with more than one stage.
-
-    bert2bert and ligo grow ``cfg.method.small_model``; without one, a Scratch run of the small shape
-    (``bert2bert.small_shape``: half the width by default) is trained first into ``cfg.out/small`` on the same
-    data and budget, and its FLOPs are reported separately, as the papers do.
-
-    ``resume``: continue an interrupted compare in ``cfg.out`` (its own config and methods, ``compare.json``):
-    finished methods are kept once their config checks out, the interrupted one resumes from its checkpoint (or
-    restarts if it had none), the rest run; the report is the one an uninterrupted compare writes."""
+def checked(cfg: RunConfig, methods: list[str], small_hidden: int = 0,
+            small_layers: int = 0) -> tuple[RunConfig | None, dict[str, MethodConfig]]:
+    """Every check ``compare`` makes before it reads data: the config, the method names, each method's resolved
+    config and a given ``--small-model``. Returns the config of the small model trained first (None when there is
+    none to train) and each method's ``MethodConfig``, in order (``apollo compare --dry-run`` prints their plan)."""
     check(cfg)
     if not methods:
         raise ApolloError(f"--methods is empty (choose from {', '.join(METHODS)})")
@@ -79,10 +72,30 @@ def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_h
         return MethodConfig(name, moments=m.moments, small_model=small, new_layers=m.new_layers,
                             width_init=m.width_init if name == "bert2bert" else "", ligo_steps=m.ligo_steps)
 
-    for name in methods:
-        resolve_method(method_config(name), cfg.model.layers)
+    configs = {name: method_config(name) for name in methods}
+    for method in configs.values():
+        resolve_method(method, cfg.model.layers)
     if m.small_model:
         load_small(m.small_model, cfg.model)  # a bad --small-model fails before anything is trained or written
+    return small_cfg, configs
+
+
+def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_hidden: int = 0,
+            small_layers: int = 0, resume: bool = False) -> str:
+    """Train each method into ``cfg.out/<method>``, then write the report (``report.report_dir``): results.md/.csv,
+    loss_vs_flops.png, loss_vs_wall.png and depth_<method>.png for each method with more than one stage.
+
+    bert2bert and ligo grow ``cfg.method.small_model``; without one, a Scratch run of the small shape
+    (``bert2bert.small_shape``: half the width by default) is trained first into ``cfg.out/small`` on the same
+    data and budget, and its FLOPs are reported separately, as the papers do.
+
+    ``resume``: continue an interrupted compare in ``cfg.out`` (its own config and methods, ``compare.json``):
+    finished methods are kept once their config checks out, the interrupted one resumes from its checkpoint (or
+    restarts if it had none), the rest run; the report is the one an uninterrupted compare writes."""
+    small_cfg, configs = checked(cfg, methods, small_hidden, small_layers)
+    out = Path(cfg.out)
+    m = cfg.method
+    grows = [n for n in methods if n in FROM_SMALL]
     # Every method shares one tokenizer; a given small model brings its own (its embeddings are indexed by it).
     data_cfg = cfg.data
     if grows and m.small_model and not cfg.data.tokenizer:
@@ -100,6 +113,6 @@ def compare(cfg: RunConfig, methods: list[str], overwrite: bool = False, small_h
         _run(small_cfg, data, resume)
     runs = {}
     for name in methods:
-        _run(dataclasses.replace(cfg, out=str(out / name), method=method_config(name)), data, resume)
+        _run(dataclasses.replace(cfg, out=str(out / name), method=configs[name]), data, resume)
         runs[name] = out / name
     return report_dir(out, runs, f"{cfg.preset or cfg.model.arch}: {data.source}") if d.main else ""

@@ -21,7 +21,7 @@ from apollo import ApolloConfig, ApolloTrainer
 ap = argparse.ArgumentParser()
 ap.add_argument("--data", required=True, help="a plain-text training file")
 ap.add_argument("--out", required=True)
-ap.add_argument("--method", default="apollo", help="scratch | stackbert | apollo | apollo-plus")
+ap.add_argument("--method", default="apollo", help="any method of apollo.method.table but bert2bert / ligo")
 ap.add_argument("--steps", type=int, default=400)
 ap.add_argument("--layers", type=int, default=12)
 ap.add_argument("--hidden", type=int, default=128)

@@ -4,7 +4,7 @@ then inspected, run as a shared pass, grown 2 -> 4, FLOP-counted, saved and relo
 steps. An architecture transformers cannot build at the tiny size is skipped with its error; one apollo refuses
 must say why in one line (``ApolloError``); anything else failing is a bug.
 
-``python tests/test_universal.py`` prints the table the README lists.
+``python tests/test_universal.py`` prints the table docs/architectures.md lists.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def test_the_sweep_covers_the_library():
     assert len(MODEL_TYPES) >= 30 and set(ADAPTERS) <= set(MODEL_TYPES)
 
 
-if __name__ == "__main__":  # the README's table
+if __name__ == "__main__":  # docs/architectures.md's table
     sys.exit(pytest.main([__file__, "-q", "-rs", "-p", "no:cacheprovider"]))
 
 

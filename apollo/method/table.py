@@ -54,7 +54,7 @@ def midas_stages(depth: int, block: int = 0) -> tuple[tuple[int, ...], tuple[flo
 class Method:
     """One method's defaults; every field but ``name`` and ``card`` is a ``MethodConfig`` default."""
     name: str
-    card: str  # the idea and its source in two sentences (the README's method card says more)
+    card: str  # the idea and its source in two sentences (docs/methods/<name>.md says more)
     stages: Stages = fixed(lambda depth: [depth], ())
     sampler: str = "none"
     growth: str = "interpolation"

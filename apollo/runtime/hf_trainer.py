@@ -75,7 +75,7 @@ class ApolloTrainer(Trainer):
                    (f"method={apollo.method}", apollo.method in FROM_SMALL)]
         for what, bad in refused:
             if bad:
-                raise ApolloError(f"ApolloTrainer does not support {what} (see the README's Trainer section)")
+                raise ApolloError(f"ApolloTrainer does not support {what} (see docs/trainer.md)")
 
     @property
     def n_live(self) -> int:
