@@ -34,7 +34,7 @@ import torch
 
 from apollo.config import ApolloError, DataConfig, RunConfig, config_changes, load_yaml, preset, to_dict
 from apollo.data import load_lm_data
-from apollo.measure.report import first_reach, read_evals, read_summary
+from apollo.measure.report import first_reach, plot_loss_vs_flops, read_evals, read_summary
 from apollo.method.table import FROM_SMALL, resolve_method
 from apollo.runtime.checkpoint import saved
 from apollo.runtime.train import train
@@ -255,6 +255,15 @@ def report(out: Path, title: str) -> str:
         lines.append(f"| {r['method']} | {r['lr']:g} | {r['schedule']} | {r['seed']} | {r['final_val_loss']:.4f} | "
                      f"{r['flops'] / 1e12:.2f} | {source} | "
                      f"{pct(r['flops_saving'])} | {pct(r['saving_with_source']) if src else '–'} |")
+    # The plot: each method's best setting at seed 0, the dashed line at the best Scratch's seed-0 final loss.
+    best_runs = {b["method"]: out / b["method"] / f"lr{b['lr']}-{b['schedule']}-s0" for b in best_rows}
+    target = targets[0]["final_val_loss"] if 0 in targets else None
+    finals = [r["final_val_loss"] for r in rows if r["seed"] == 0 and r["run"] in best_runs.values()]
+    ylim = (min(finals) - 0.05, target + 1.0) if target and finals else None  # the shallow stages' looped evals
+    plot_loss_vs_flops({m: d for m, d in best_runs.items() if (d / "summary.json").exists()}, target,
+                       out / "loss_vs_flops.png", f"{title}\neach method at its best setting, seed 0 "
+                       "(bert2BERT / LiGO: small model not counted)", ylim)
+    lines += ["", "![loss vs FLOPs](loss_vs_flops.png)"]
     text = "\n".join(lines) + "\n"
     (out / "tune.md").write_text(text, encoding="utf-8")
     grid_rows = [{k: (str(v) if k == "run" else v) for k, v in r.items()} for r in rows]

@@ -208,26 +208,31 @@ def write_results(rows: list[Row], target: float | None, out: Path, source: str,
 
 
 def _plot_loss(runs: dict[str, Path], target: float | None, path: Path, title: str, key: str, scale: float,
-               xlabel: str) -> None:
+               xlabel: str, ylim: tuple[float, float] | None = None) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, d in runs.items():
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors  # distinct colours up to 20 runs
+    for i, (name, d) in enumerate(runs.items()):
         ev = read_evals(d)
-        ax.plot([e[key] / scale for e in ev], [e["val_loss"] for e in ev], marker=".", label=name)
+        ax.plot([e[key] / scale for e in ev], [e["val_loss"] for e in ev], marker=".", label=name,
+                color=colors[i % len(colors)])
+    if ylim:
+        ax.set_ylim(*ylim)
     if target is not None:
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="Scratch final loss")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (full depth)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if len(runs) > 6 else None, ncol=2 if len(runs) > 6 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_loss_vs_flops(runs: dict[str, Path], target: float | None, path: Path, title: str) -> None:
+def plot_loss_vs_flops(runs: dict[str, Path], target: float | None, path: Path, title: str,
+                       ylim: tuple[float, float] | None = None) -> None:
     """Validation loss against cumulative training FLOPs, dashed line at Scratch's final loss (Fig. 6)."""
-    _plot_loss(runs, target, path, title, "flops", 1e12, "training TFLOPs (cumulative)")
+    _plot_loss(runs, target, path, title, "flops", 1e12, "training TFLOPs (cumulative)", ylim)
 
 
 def plot_loss_vs_wall(runs: dict[str, Path], target: float | None, path: Path, title: str) -> None:
