@@ -6,13 +6,16 @@ training its growth operator, whose steps are logged and counted first); then th
 Per step: (at a stage boundary: grow + rebuild the optimizer) -> set the learning rate -> for each
 micro-batch draw a depth, share the live layers across it, forward/backward, count its FLOPs ->
 clip, step -> log. Every ``eval_every`` steps: validation loss at full depth L.
+
+``train`` runs the phases in order, each a function below sharing one ``Run``: ``setup`` (everything before the
+log opens) -> ``announce`` -> LiGO's ``grow_by_operator`` -> ``ready`` -> per step: ``grow_now`` at a stage boundary,
+``train_step``, ``evaluate_now``, ``checkpoint_now`` -> ``conclude`` -> ``finish``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -20,6 +23,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
@@ -28,14 +32,14 @@ from transformers import AutoTokenizer
 
 from ..baselines.bert2bert import bert2bert, load_small, small_dir, width_map
 from ..baselines.ligo import LiGO, merge, operator_loss
-from ..config import ApolloError, MethodConfig, RunConfig, TrainConfig, check, config_changes, save_yaml
+from ..config import ApolloError, MethodConfig, ModelConfig, RunConfig, TrainConfig, check, config_changes, save_yaml
 from ..data import Batches, LMData, load_lm_data, valid_batches
 from ..measure.energy import EnergyMeter
 from ..measure.flops import StepFlops, train_flops
 from ..method.growth import eval_map, grow, layer_map, shared_layers
 from ..method.lr_schedule import lr_at
 from ..method.sampling import DepthSampler
-from ..method.schedule import resolve_schedule
+from ..method.schedule import Schedule, resolve_schedule
 from ..method.table import resolve_method
 from ..models import LMLoss, build_model, get_layers, lm_loss, resolve_model
 from . import checkpoint, distributed
@@ -207,6 +211,90 @@ GrowHook = Callable[[str, int, nn.Module, list[int]], None]
 StepHook = Callable[[int, nn.Module], None]
 
 
+@dataclasses.dataclass(eq=False)
+class Run:
+    """What the phases of one run share: built by ``setup``; ``train`` attaches the log, bar, trackers and energy
+    meter as it opens them, ``ready`` the optimizer and the (DDP-wrapped) loss module."""
+    cfg: RunConfig  # resolved: the model config read, the method's defaults filled in, the tokenizer chosen
+    d: distributed.Dist
+    accum: int  # micro-batches per optimizer step
+    data: LMData
+    fingerprint: str  # of the packed training data: stored in every checkpoint, checked on resume
+    batches: Batches
+    valid: list[dict]
+    steps: int
+    schedule: Schedule
+    sampler: DepthSampler
+    model: nn.Module
+    state: dict  # the counters (flops, tokens, wall_s, val_loss, skipped; energy): checkpointed and resumed
+    first: int  # the first optimizer step this process trains (> 0 on resume)
+    stage: int
+    ckpt: checkpoint.Checkpoint | None = None  # the checkpoint this process resumed from
+    changes: list[str] = dataclasses.field(default_factory=list)  # config changes accepted on resume
+    in_operator: bool = False  # resumed from a checkpoint written while LiGO trained its operator
+    small: nn.Module | None = None  # bert2BERT / LiGO: the trained smaller model this one grows from
+    on_grow: GrowHook | None = None
+    on_backward: StepHook | None = None
+    log: IO[str] = dataclasses.field(init=False)
+    bar: tqdm = dataclasses.field(init=False)
+    track: Trackers = dataclasses.field(init=False)
+    energy: EnergyMeter = dataclasses.field(init=False)
+    optimizer: torch.optim.Optimizer = dataclasses.field(init=False)
+    wrapped: nn.Module = dataclasses.field(init=False)  # LMLoss over the model; DDP under torchrun
+    step_flops: StepFlops = dataclasses.field(init=False)
+
+    @property
+    def method(self) -> MethodConfig:
+        return self.cfg.method
+
+    @property
+    def m(self) -> ModelConfig:
+        return self.cfg.model
+
+    @property
+    def t(self) -> TrainConfig:
+        return self.cfg.train
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def n_live(self) -> int:
+        """Live layers in the current stage."""
+        return self.schedule.stages[self.stage]
+
+    @property
+    def tokens_per_micro(self) -> int:
+        """Tokens of one global micro-batch: global, so FLOPs and tokens count every rank's work."""
+        return self.t.batch_size * self.d.world * self.m.seq_len
+
+    @property
+    def rewarm_steps(self) -> int:
+        """The LR ramp after each growth, in steps (0 = none)."""
+        return round(self.method.rewarm * self.steps)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.t.precision == "bf16")
+
+    def write(self, record: dict) -> None:
+        self.log.write(json.dumps(record) + "\n")
+        self.track(record)  # --report-to: TensorBoard / wandb / trackio get the same numbers
+
+    def say(self, message: str) -> None:
+        if self.d.main:
+            self.bar.write(message)
+
+    def wrap(self) -> nn.Module:
+        """The loss module over the current parameters (DDP under torchrun): built again after every growth."""
+        return distributed.wrap(LMLoss(self.model, self.data.mlm), self.d)
+
+    def fresh(self) -> nn.ModuleList:
+        """new_layers="random": the layers of the L-layer init Scratch starts from."""
+        with torch.random.fork_rng(devices=[]):  # leaves the run's random stream where it was
+            return get_layers(build_model(self.m, self.m.layers, self.t.seed)).to(self.d.device)
+
+
 def _resume_point(cfg: RunConfig, allow_config_change: bool) -> tuple[checkpoint.Checkpoint, list[str]]:
     """The run's latest checkpoint, refused when its config differs in anything that changes the result."""
     ckpt = checkpoint.load(Path(cfg.out))
@@ -227,6 +315,312 @@ def _reopen_log(path: Path, offset: int) -> None:
         f.truncate(offset)
 
 
+def _resolve(cfg: RunConfig, resume: bool, allow_config_change: bool
+             ) -> tuple[RunConfig, distributed.Dist, int, checkpoint.Checkpoint | None, list[str]]:
+    """The config checked and resolved, the process group joined, the micro-batches per step, and on resume the
+    checkpoint to continue from: all before any data is loaded or anything written."""
+    check(cfg)
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))  # --model-config: arch = its model_type
+    m, t = cfg.model, cfg.train
+    cfg = dataclasses.replace(cfg, method=resolve_method(cfg.method, m.layers))
+    d = distributed.setup(t.device)
+    check_fits(m, t, d.device)  # before any allocation: a run that cannot fit is one line, not minutes of work
+    accum = grad_accum(t, d.world)
+    ckpt, changes = None, []
+    if resume:
+        ckpt, changes = _resume_point(cfg, allow_config_change)
+        if ckpt.state.get("world", 1) != d.world and not allow_config_change:
+            raise ApolloError(f"--resume {Path(cfg.out)}: the checkpoint was written by {ckpt.state.get('world', 1)} "
+                              f"process(es), this run has {d.world} (pass --allow-config-change to resume anyway)")
+    return cfg, d, accum, ckpt, changes
+
+
+def _load_data(cfg: RunConfig, data: LMData | None, ckpt: checkpoint.Checkpoint | None, small: nn.Module | None,
+               d: distributed.Dist, allow_config_change: bool) -> tuple[RunConfig, LMData, str]:
+    """The data (loaded unless given), its tokenizer checked against the small model's and its fingerprint against
+    the checkpoint's and the other ranks'; returns the config with the tokenizer it used."""
+    if small is not None and not cfg.data.tokenizer and data is None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=small_dir(cfg.method.small_model)))
+    if data is None:  # a resumed run packs its text with the checkpoint's tokenizer, not a retrained one
+        data_cfg = dataclasses.replace(cfg.data, tokenizer=str(ckpt.path / "tokenizer")) if ckpt else cfg.data
+        data = load_lm_data(data_cfg, cfg.model, cfg.train.seed)
+    if small is not None:
+        check_tokenizer(data.tokenizer, cfg.method.small_model)
+    fingerprint = checkpoint.fingerprint(data.train)  # once: checked here, stored in every checkpoint
+    if ckpt is not None and fingerprint != ckpt.state["data_fingerprint"] and not allow_config_change:
+        raise ApolloError(f"--resume {Path(cfg.out)}: the training data differs from the checkpoint's "
+                          "(pass --allow-config-change to resume anyway)")
+    distributed.check_same(d, int(fingerprint[:15], 16), "the packed training data")
+    return cfg, data, fingerprint
+
+
+def _start_model(cfg: RunConfig, d: distributed.Dist, ckpt: checkpoint.Checkpoint | None, in_operator: bool,
+                 small: nn.Module | None, live: int, sampler: DepthSampler, overwrite: bool
+                 ) -> tuple[nn.Module, dict, int, int]:
+    """The model the loop starts from (``live`` layers; bert2BERT: grown from the small model), its counters,
+    first step and stage; on resume rebuilt from the checkpoint, the sampler restored and the log cut back to it.
+    The run directory is prepared only here, after everything was read and checked."""
+    m, t, out = cfg.model, cfg.train, Path(cfg.out)
+    if ckpt is None:
+        prepare_run_dir(out, overwrite, d)
+        if cfg.method.method == "bert2bert":
+            model = bert2bert(small, m, cfg.method.width_init, cfg.method.new_layers, t.seed)
+        else:
+            model = build_model(m, live, t.seed)
+        return model, {"flops": 0, "tokens": 0, "wall_s": 0.0, "val_loss": float("nan"), "skipped": 0}, 0, 0
+    model = build_model(m, ckpt.state["live_layers"], t.seed)
+    if not in_operator:  # an operator checkpoint holds the operator and the models it maps between
+        checkpoint.load_weights(model, ckpt)
+    state = dict(ckpt.state["counters"])
+    sampler.load_state_dict(ckpt.state["sampler"])
+    if d.main:
+        checkpoint.remove_partial(out)
+        _reopen_log(out / "metrics.jsonl", ckpt.state["log_offset"])
+    return model, state, ckpt.step, ckpt.state["stage"]
+
+
+def setup(cfg: RunConfig, data: LMData | None, overwrite: bool, resume: bool, allow_config_change: bool,
+          on_grow: GrowHook | None = None, on_backward: StepHook | None = None) -> Run:
+    """Everything before the log opens: config, resume point, small model, data, schedule, run directory, model.
+    Every check that can refuse the run comes before the run directory is touched."""
+    cfg, d, accum, ckpt, changes = _resolve(cfg, resume, allow_config_change)
+    method, m, t = cfg.method, cfg.model, cfg.train
+    # bert2BERT / LiGO start from a trained smaller model, checked (with its tokenizer) before anything is written.
+    in_operator = ckpt is not None and "operator_step" in ckpt.state  # killed while LiGO trained its operator
+    small = load_small(method.small_model, m) if method.small_model and (ckpt is None or in_operator) else None
+    cfg, data, fingerprint = _load_data(cfg, data, ckpt, small, d, allow_config_change)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    # The global micro-batch: what one process with batch_size x world would read; rank r takes the r-th slice.
+    batches = Batches(data.train, t.batch_size * d.world, t.seed, data.tokenizer, data.mlm, cfg.data.mlm_probability)
+    # Validation masks use a fixed seed, so runs with different training seeds score the same validation set.
+    valid = valid_batches(data.valid, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0,
+                          t.eval_blocks)
+    steps = total_steps(t, m.seq_len, batches.steps_per_epoch, d.world)
+    schedule = resolve_schedule(method.stages, method.switch, method.switch_unit, steps, batches.steps_per_epoch,
+                                m.layers)
+    sampler = DepthSampler(method.sampler, m.layers, t.seed)
+    model, state, first, stage = _start_model(cfg, d, ckpt, in_operator, small, schedule.stages[0], sampler,
+                                              overwrite)
+    if d.main:
+        save_yaml(cfg, Path(cfg.out) / "config.yaml")
+    distributed.barrier(d)  # the run directory is ready before any rank goes on
+    model.train()
+    return Run(cfg, d, accum, data, fingerprint, batches, valid, steps, schedule, sampler, model, state, first, stage,
+               ckpt, changes, in_operator, small, on_grow, on_backward)
+
+
+def announce(run: Run) -> None:
+    """The log's first record of this process: the run's start, or where it resumed and from which checkpoint."""
+    if run.ckpt is None:
+        run.write({"event": "start", "source": run.data.source, "steps": run.steps,
+                   "schedule": dataclasses.asdict(run.schedule), "train_blocks": len(run.data.train),
+                   "valid_blocks": len(run.data.valid)})
+    else:
+        run.write({"event": "resume", "step": run.first, "checkpoint": run.ckpt.path.name,
+                   "config_changes": run.changes})
+        run.say(f"[{run.method.method}] resumed {run.out} at step {run.first} from {run.ckpt.path.name}"
+                + (f"; config changes: {'; '.join(run.changes)}" if run.changes else ""))
+
+
+def _checkpoint_state(run: Run, stage: int, live: int, **extra) -> dict:
+    """What a checkpoint needs besides weights and optimizer to continue bit-identically; flush the log first."""
+    return {"stage": stage, "live_layers": live, "counters": dict(run.state), **extra,
+            "sampler": run.sampler.state_dict(), **checkpoint.rng_state(), "log_offset": run.log.tell(),
+            "data_fingerprint": run.fingerprint, "world": run.d.world}
+
+
+def grow_by_operator(run: Run) -> None:
+    """LiGO's first phase: train the growth operator from the small model to this one, then merge it into the
+    model's weights; its steps count (FLOPs, tokens, energy) and checkpoint every --checkpoint-every."""
+    def save_operator(k: int, op: LiGO, op_optimizer: torch.optim.Optimizer) -> None:
+        if not run.d.main:
+            return
+        run.energy.pause()  # resumed below: the operator's steps count, its checkpoint writes do not
+        run.log.flush()
+        state = _checkpoint_state(run, 0, run.m.layers, operator_step=k)
+        path, size, seconds = checkpoint.save(run.out, 0, op, op_optimizer, state, run.cfg, run.data.tokenizer,
+                                              run.t.keep_checkpoints)
+        run.write({"event": "checkpoint", "step": 0, "operator_step": k, "path": str(path.relative_to(run.out)),
+                   "bytes": size, "save_s": round(seconds, 3)})
+        run.log.flush()
+        run.energy.resume()
+
+    run.energy.resume()
+    op = LiGO(run.small, run.model, width_map(run.small.config, run.model.config, run.t.seed))
+    train_operator(op, run.model, run.batches, run.method, run.t, run.data.mlm, run.state, run.write,
+                   run.ckpt if run.in_operator else None, save_operator)
+
+
+def _validate(run: Run, step: int, stage: int, live: int, positions: list[int]) -> None:
+    """Log the validation loss at ``positions`` as of ``step``; the energy meter pauses: its kWh count training."""
+    run.energy.pause()
+    run.state["val_loss"] = evaluate(run.model, run.valid, positions, run.data.mlm, run.autocast)
+    run.write({"event": "eval", "step": step, "stage": stage, "live_layers": live, "val_loss": run.state["val_loss"],
+               "tokens": run.state["tokens"], "flops": run.state["flops"], "wall_s": round(run.state["wall_s"], 4),
+               **run.energy.fields()})
+
+
+def ready(run: Run) -> None:
+    """From the model to the first step: on the device, scored where it starts if grown from a small model, its
+    optimizer (restored on resume, then the RNG restored last: building the model reseeded torch), compiled, wrapped."""
+    m, t = run.m, run.t
+    run.model.to(run.d.device)
+    if run.small is not None:  # where the grown model starts: its validation loss before any model update
+        _validate(run, 0, 0, m.layers, list(range(m.layers)))
+        run.say(f"[{run.method.method}] grown from {run.method.small_model}: val loss {run.state['val_loss']:.4f}")
+    run.optimizer = make_optimizer(run.model, t)
+    if run.ckpt is not None and not run.in_operator:
+        run.optimizer.load_state_dict(run.ckpt.optimizer)
+        checkpoint.restore_rng(run.ckpt.state)  # last: building the model reseeded torch
+    if t.compile:
+        compile_layers(run.model)
+    run.wrapped = run.wrap()
+    run.step_flops = StepFlops(run.model.config)  # measures an unregistered architecture once, not every step
+    check_all_used(run.method.growth, len(get_layers(run.model)), m.layers)
+
+
+def grow_now(run: Run, step: int) -> None:
+    """The growth at a stage boundary: ``on_grow`` sees the model on both sides; ``grow`` rebuilds the optimizer
+    (moments per --moments); the new layers are compiled and DDP rebuilt over the new parameters on every rank."""
+    method, m, t = run.method, run.m, run.t
+    run.stage = run.schedule.stage_at(step)
+    n_old, n_new = len(get_layers(run.model)), run.n_live
+    if run.on_grow:
+        run.on_grow("before", step, run.model, eval_map(method.growth, n_old, m.layers))
+    run.optimizer, source = grow(run.model, run.optimizer, n_new, method.growth, method.moments,
+                                 lambda mod: make_optimizer(mod, t), method.new_layers, fresh=run.fresh)
+    run.write({"event": "grow", "step": step, "from": n_old, "to": n_new, "growth": method.growth, "source": source,
+               "moments": method.moments, "new_layers": method.new_layers})
+    if t.compile:
+        compile_layers(run.model)
+    run.wrapped = run.wrap()  # DDP over the new parameters, every rank
+    check_all_used(method.growth, n_new, m.layers)
+    if t.check_ranks:
+        distributed.check_same(run.d, distributed.weights_digest(run.model), f"the weights grown at step {step}")
+    if run.on_grow:
+        run.on_grow("after", step, run.model, layer_map(method.growth, n_new, m.layers))
+    run.say(f"[{method.method}] step {step}: grew {n_old} -> {n_new} live layers "
+            f"({method.growth}, moments {method.moments}, {method.new_layers}); optimizer "
+            f"{'and DDP ' if run.d.active else ''}rebuilt")
+
+
+def _forward_backward(run: Run, step: int) -> tuple[float, list[int]]:
+    """Every micro-batch of ``step``: draw a depth, share the live layers across it, forward/backward (DDP syncs at
+    the last one only), count its FLOPs. Returns the step's mean loss and the depths drawn."""
+    d, t, mlm, accum = run.d, run.t, run.data.mlm, run.accum
+    depths, loss_sum = [], 0.0
+    for micro in range(accum):
+        depth = run.sampler.draw(run.n_live, step * accum + micro)
+        if t.check_ranks:
+            distributed.check_same(d, depth, f"the depth drawn at step {step}")
+        full = run.batches.batch(step * accum + micro)
+        batch = {k: v[d.rank * t.batch_size:(d.rank + 1) * t.batch_size].to(d.device) for k, v in full.items()}
+        last = micro == accum - 1
+        with run.wrapped.no_sync() if d.active and not last else contextlib.nullcontext():
+            with shared_layers(run.model, layer_map(run.method.growth, run.n_live, depth)), run.autocast():
+                loss = run.wrapped(batch)
+            head = head_tokens(batch, mlm)
+            if d.active:  # weight by this rank's share of predicted tokens: the gradient of the global mean
+                n = predicted_tokens(batch, mlm)
+                n_all, loss_all, head = distributed.all_sum(d, [n, loss.item() * n, head])
+                ((loss * (n * d.world / n_all)) / accum).backward()
+                loss_sum += loss_all / n_all
+            else:
+                (loss / accum).backward()
+                loss_sum += loss.item()
+        depths.append(depth)
+        run.state["flops"] += run.step_flops.train(depth, run.tokens_per_micro, run.m.seq_len, int(head))
+    return loss_sum / accum, depths
+
+
+def train_step(run: Run, step: int, start: float) -> tuple[float, int, float]:
+    """One optimizer step begun at ``start`` (a growth at this step counts in its time): LR, micro-batches,
+    ``on_backward``, clip, then step, skip or stop on a non-finite loss, log. Returns (loss, last depth, seconds)."""
+    t, state = run.t, run.state
+    lr = lr_at(step, run.steps, t) * run.schedule.rewarm(step, run.rewarm_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss, depths = _forward_backward(run, step)
+    # Norms are logged for every run (growth diagnostics); max_norm=inf only measures the total.
+    if run.on_backward:
+        run.on_backward(step, run.model)
+    layer_norms = layer_grad_norms(run.model)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.clip or math.inf))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+    elif state["skipped"] < t.skip_nonfinite:  # drop the step's gradients; the weights stay as they were
+        state["skipped"] += 1
+    else:  # stop before the bad gradients reach the weights; the last checkpoint stays the latest
+        last = checkpoint.saved(run.out)
+        where = f"resume from {last[-1]} with --resume {run.out}" if last else "no checkpoint was saved"
+        raise ApolloError(f"loss {loss} (gradient norm {grad_norm}) at step {step}: stopped; {where}; "
+                          "lower --lr or allow bad steps with --skip-nonfinite N")
+    run.optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - start
+    state["wall_s"] += elapsed
+    state["tokens"] += run.tokens_per_micro * run.accum
+    run.write({"event": "step", "step": step, "stage": run.stage, "live_layers": run.n_live, "depth": depths,
+               "loss": loss, "grad_norm": round(grad_norm, 5), "layer_grad_norm": layer_norms, "lr": lr,
+               "tokens": state["tokens"], "flops": state["flops"], "wall_s": round(state["wall_s"], 4),
+               **({} if finite else {"skipped": True})})
+    return loss, depths[-1], elapsed
+
+
+def evaluate_now(run: Run, step: int) -> None:
+    """Validation loss after ``step`` (rank 0), always at all L positions: before the last stage, through the
+    current map. The log is flushed, so a reader sees each validation as it happens."""
+    _validate(run, step + 1, run.stage, run.n_live, eval_map(run.method.growth, run.n_live, run.m.layers))
+    run.log.flush()
+
+
+def checkpoint_now(run: Run, step: int, preempted: bool) -> None:
+    """Checkpoint after ``step`` (rank 0, not timed as training): weights, optimizer, counters, sampler, RNG and
+    the log's length, flushed first, so that a resumed run continues bit-identically."""
+    run.energy.pause()
+    run.log.flush()
+    state = _checkpoint_state(run, run.stage, run.n_live)
+    path, size, seconds = checkpoint.save(run.out, step + 1, run.model, run.optimizer, state, run.cfg,
+                                          run.data.tokenizer, run.t.keep_checkpoints)
+    run.write({"event": "checkpoint", "step": step + 1, "path": str(path.relative_to(run.out)), "bytes": size,
+               "save_s": round(seconds, 3), **({"sigterm": True} if preempted else {})})
+    run.log.flush()
+
+
+def conclude(run: Run) -> float | None:
+    """The end of training, while the log is open: every rank holds the same weights (--check-ranks); the test split
+    is scored once (rank 0, every test block, the full-depth map). Returns the test loss, if any."""
+    if run.t.check_ranks:
+        distributed.check_same(run.d, distributed.weights_digest(run.model), "the final weights")
+        run.write({"event": "rank_check", "step": run.steps, "ranks": run.d.world, "same_weights": True})
+    if not run.d.main or run.data.test is None:
+        return None
+    data, t = run.data, run.t
+    test = valid_batches(data.test, t.batch_size, data.tokenizer, data.mlm, run.cfg.data.mlm_probability, 0, 0)
+    test_loss = evaluate(run.model, test, eval_map(run.method.growth, run.n_live, run.m.layers), data.mlm,
+                         run.autocast)
+    run.write({"event": "test", "step": run.steps, "test_loss": test_loss, "blocks": len(data.test)})
+    return test_loss
+
+
+def finish(run: Run, test_loss: float | None) -> dict:
+    """Once the log, trackers and energy meter are closed (its last stretch counted): the summary; rank 0 saves the
+    model, its tokenizer and summary.json, which marks the run finished (``--resume`` refuses it)."""
+    state, out = run.state, run.out
+    summary = {"method": run.method.method, "steps": run.steps, "tokens": state["tokens"], "flops": state["flops"],
+               "wall_s": round(state["wall_s"], 3), "tokens_per_s": round(state["tokens"] / max(state["wall_s"], 1e-9)),
+               "final_val_loss": state["val_loss"], "test_loss": test_loss, "data": run.data.source,
+               "layers": len(get_layers(run.model)), "processes": run.d.world, **run.energy.summary()}
+    if run.d.main:
+        run.model.save_pretrained(out / "model")
+        run.data.tokenizer.model_max_length = run.m.seq_len  # so users' tokenizer calls truncate to the position table
+        run.data.tokenizer.save_pretrained(out / "model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    distributed.barrier(run.d)
+    return summary
+
+
 def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, on_grow: GrowHook | None = None,
           resume: bool = False, allow_config_change: bool = False, on_backward: StepHook | None = None) -> dict:
     """Train one run into ``cfg.out``; returns the run summary (also written to summary.json).
@@ -238,255 +632,37 @@ def train(cfg: RunConfig, data: LMData | None = None, overwrite: bool = False, o
     ``on_backward(step, model)``, if given, is called once the step's gradients are complete, before clipping
     (the spike probe reads them there; it must not change the model or its gradients).
     """
-    check(cfg)
-    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))  # --model-config: arch = its model_type
-    m, t = cfg.model, cfg.train
-    method = resolve_method(cfg.method, m.layers)  # checked before any data is loaded or anything written
-    out = Path(cfg.out)
-    d = distributed.setup(t.device)
-    check_fits(m, t, d.device)  # before any allocation: a run that cannot fit is one line, not minutes of work
-    accum = grad_accum(t, d.world)
-    ckpt, changes = None, []
-    if resume:
-        ckpt, changes = _resume_point(dataclasses.replace(cfg, method=method), allow_config_change)
-        if ckpt.state.get("world", 1) != d.world and not allow_config_change:
-            raise ApolloError(f"--resume {out}: the checkpoint was written by {ckpt.state.get('world', 1)} "
-                              f"process(es), this run has {d.world} (pass --allow-config-change to resume anyway)")
-    # bert2BERT / LiGO start from a trained smaller model, checked (with its tokenizer) before anything is written.
-    in_operator = ckpt is not None and "operator_step" in ckpt.state  # killed while LiGO trained its operator
-    small = load_small(method.small_model, m) if method.small_model and (ckpt is None or in_operator) else None
-    if small is not None and not cfg.data.tokenizer and data is None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=small_dir(method.small_model)))
-    if data is None:  # a resumed run packs its text with the checkpoint's tokenizer, not a retrained one
-        data_cfg = dataclasses.replace(cfg.data, tokenizer=str(ckpt.path / "tokenizer")) if ckpt else cfg.data
-        data = load_lm_data(data_cfg, m, t.seed)
-    if small is not None:
-        check_tokenizer(data.tokenizer, method.small_model)
-    data_fingerprint = checkpoint.fingerprint(data.train)  # once: checked here, stored in every checkpoint
-    if ckpt is not None and data_fingerprint != ckpt.state["data_fingerprint"] and not allow_config_change:
-        raise ApolloError(f"--resume {out}: the training data differs from the checkpoint's "
-                          "(pass --allow-config-change to resume anyway)")
-    distributed.check_same(d, int(data_fingerprint[:15], 16), "the packed training data")
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    # The global micro-batch: what one process with batch_size x world would read; rank r takes the r-th slice.
-    batches = Batches(data.train, t.batch_size * d.world, t.seed, data.tokenizer, data.mlm, cfg.data.mlm_probability)
-    # Validation masks use a fixed seed, so runs with different training seeds score the same validation set.
-    valid = valid_batches(data.valid, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0,
-                          t.eval_blocks)
-    steps = total_steps(t, m.seq_len, batches.steps_per_epoch, d.world)
-    schedule = resolve_schedule(method.stages, method.switch, method.switch_unit, steps, batches.steps_per_epoch,
-                                m.layers)
-    cfg = dataclasses.replace(cfg, method=method)
-    sampler = DepthSampler(method.sampler, m.layers, t.seed)
-    if ckpt is None:
-        prepare_run_dir(out, overwrite, d)
-        if method.method == "bert2bert":
-            model = bert2bert(small, m, method.width_init, method.new_layers, t.seed)
-        else:
-            model = build_model(m, schedule.stages[0], t.seed)
-        state = {"flops": 0, "tokens": 0, "wall_s": 0.0, "val_loss": float("nan"), "skipped": 0}
-        first, stage = 0, 0
-    else:  # everything is read and checked before the run directory is touched
-        model = build_model(m, ckpt.state["live_layers"], t.seed)
-        if not in_operator:  # an operator checkpoint holds the operator and the models it maps between
-            checkpoint.load_weights(model, ckpt)
-        state = dict(ckpt.state["counters"])
-        first, stage = ckpt.step, ckpt.state["stage"]
-        sampler.load_state_dict(ckpt.state["sampler"])
-        if d.main:
-            checkpoint.remove_partial(out)
-            _reopen_log(out / "metrics.jsonl", ckpt.state["log_offset"])
-    if d.main:
-        save_yaml(cfg, out / "config.yaml")
-    distributed.barrier(d)  # the run directory is ready before any rank goes on
-    model.train()
-    tokens_per_micro = t.batch_size * d.world * m.seq_len  # global, so FLOPs and tokens count every rank's work
-    rewarm_steps = round(method.rewarm * steps)  # LR ramp after each growth (0 = none)
-    autocast = functools.partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    run = setup(cfg, data, overwrite, resume, allow_config_change, on_grow, on_backward)
+    d, t, out, steps = run.d, run.t, run.out, run.steps
     log_path = out / "metrics.jsonl" if d.main else Path(os.devnull)  # only rank 0 writes
-    with open(log_path, "a" if ckpt or not d.main else "w", encoding="utf-8") as log, \
-            tqdm(total=steps, initial=first, disable=not t.progress or not d.main, desc=f"{method.method}",
-                 unit="step", dynamic_ncols=True) as bar, sigterm_stops() as stop, \
-            Trackers(t.report_to if d.main else (), out, cfg, first, ckpt is not None) as track, \
-            EnergyMeter(t, out, state, d.main, first) as energy:  # the training steps' kWh, paused for evaluation
-        def write(record: dict) -> None:
-            log.write(json.dumps(record) + "\n")
-            track(record)  # --report-to: TensorBoard / wandb / trackio get the same numbers
-
-        def say(message: str) -> None:
-            if d.main:
-                bar.write(message)
-
-        if ckpt is None:
-            write({"event": "start", "source": data.source, "steps": steps, "schedule": dataclasses.asdict(schedule),
-                   "train_blocks": len(data.train), "valid_blocks": len(data.valid)})
-        else:
-            write({"event": "resume", "step": first, "checkpoint": ckpt.path.name, "config_changes": changes})
-            say(f"[{method.method}] resumed {out} at step {first} from {ckpt.path.name}"
-                + (f"; config changes: {'; '.join(changes)}" if changes else ""))
-        if method.method == "ligo" and (ckpt is None or in_operator):
-            def save_operator(k: int, op: LiGO, op_optimizer: torch.optim.Optimizer) -> None:
-                if not d.main:
-                    return
-                energy.pause()  # resumed below: the operator's steps count, its checkpoint writes do not
-                log.flush()
-                run_state = {"stage": 0, "live_layers": m.layers, "counters": dict(state), "operator_step": k,
-                             "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
-                             "data_fingerprint": data_fingerprint, "world": d.world}
-                path, size, seconds = checkpoint.save(out, 0, op, op_optimizer, run_state, cfg, data.tokenizer,
-                                                      t.keep_checkpoints)
-                write({"event": "checkpoint", "step": 0, "operator_step": k, "path": str(path.relative_to(out)),
-                       "bytes": size, "save_s": round(seconds, 3)})
-                log.flush()
-                energy.resume()
-
-            energy.resume()
-            train_operator(LiGO(small, model, width_map(small.config, model.config, t.seed)), model, batches, method,
-                           t, data.mlm, state, write, ckpt if in_operator else None, save_operator)
-        model.to(d.device)
-        if small is not None:  # where the grown model starts: its validation loss before any model update
-            energy.pause()
-            state["val_loss"] = evaluate(model, valid, list(range(m.layers)), data.mlm, autocast)
-            write({"event": "eval", "step": 0, "stage": 0, "live_layers": m.layers, "val_loss": state["val_loss"],
-                   "tokens": state["tokens"], "flops": state["flops"], "wall_s": round(state["wall_s"], 4),
-                   **energy.fields()})
-            say(f"[{method.method}] grown from {method.small_model}: val loss {state['val_loss']:.4f}")
-        optimizer = make_optimizer(model, t)
-        if ckpt is not None and not in_operator:
-            optimizer.load_state_dict(ckpt.optimizer)
-            checkpoint.restore_rng(ckpt.state)  # last: building the model reseeded torch
-        if t.compile:
-            compile_layers(model)
-        wrapped = distributed.wrap(LMLoss(model, data.mlm), d)
-        step_flops = StepFlops(model.config)  # measures an unregistered architecture once, not every step
-
-        def fresh() -> nn.ModuleList:  # new_layers="random": the layers of the L-layer init Scratch starts from
-            with torch.random.fork_rng(devices=[]):  # leaves the run's random stream where it was
-                return get_layers(build_model(m, m.layers, t.seed)).to(d.device)
-
-        check_all_used(method.growth, len(get_layers(model)), m.layers)
-        for step in range(first, steps):
-            energy.resume()
-            start = time.perf_counter()
-            if schedule.stage_at(step) != stage:
-                stage = schedule.stage_at(step)
-                n_old = len(get_layers(model))
-                if on_grow:
-                    on_grow("before", step, model, eval_map(method.growth, n_old, m.layers))
-                optimizer, source = grow(model, optimizer, schedule.stages[stage], method.growth, method.moments,
-                                         lambda mod: make_optimizer(mod, t), method.new_layers, fresh=fresh)
-                write({"event": "grow", "step": step, "from": n_old, "to": schedule.stages[stage],
-                       "growth": method.growth, "source": source, "moments": method.moments,
-                       "new_layers": method.new_layers})
-                if t.compile:
-                    compile_layers(model)
-                wrapped = distributed.wrap(LMLoss(model, data.mlm), d)  # DDP over the new parameters, every rank
-                check_all_used(method.growth, schedule.stages[stage], m.layers)
-                if t.check_ranks:
-                    distributed.check_same(d, distributed.weights_digest(model), f"the weights grown at step {step}")
-                if on_grow:
-                    on_grow("after", step, model, layer_map(method.growth, schedule.stages[stage], m.layers))
-                say(f"[{method.method}] step {step}: grew {n_old} -> {schedule.stages[stage]} live layers "
-                    f"({method.growth}, moments {method.moments}, {method.new_layers}); optimizer "
-                    f"{'and DDP ' if d.active else ''}rebuilt")
-            n_live = schedule.stages[stage]
-            lr = lr_at(step, steps, t) * schedule.rewarm(step, rewarm_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            depths, loss_sum = [], 0.0
-            for micro in range(accum):
-                depth = sampler.draw(n_live, step * accum + micro)
-                if t.check_ranks:
-                    distributed.check_same(d, depth, f"the depth drawn at step {step}")
-                full = batches.batch(step * accum + micro)
-                batch = {k: v[d.rank * t.batch_size:(d.rank + 1) * t.batch_size].to(d.device) for k, v in full.items()}
-                last = micro == accum - 1
-                with wrapped.no_sync() if d.active and not last else contextlib.nullcontext():
-                    with shared_layers(model, layer_map(method.growth, n_live, depth)), autocast():
-                        loss = wrapped(batch)
-                    head = head_tokens(batch, data.mlm)
-                    if d.active:  # weight by this rank's share of predicted tokens: the gradient of the global mean
-                        n = predicted_tokens(batch, data.mlm)
-                        n_all, loss_all, head = distributed.all_sum(d, [n, loss.item() * n, head])
-                        ((loss * (n * d.world / n_all)) / accum).backward()
-                        loss_sum += loss_all / n_all
-                    else:
-                        (loss / accum).backward()
-                        loss_sum += loss.item()
-                depths.append(depth)
-                state["flops"] += step_flops.train(depth, tokens_per_micro, m.seq_len, int(head))
-            loss = loss_sum / accum
-            # Norms are logged for every run (growth diagnostics); max_norm=inf only measures the total.
-            if on_backward:
-                on_backward(step, model)
-            layer_norms = layer_grad_norms(model)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip or math.inf))
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-            elif state["skipped"] < t.skip_nonfinite:  # drop the step's gradients; the weights stay as they were
-                state["skipped"] += 1
-            else:  # stop before the bad gradients reach the weights; the last checkpoint stays the latest
-                last = checkpoint.saved(out)
-                where = f"resume from {last[-1]} with --resume {out}" if last else "no checkpoint was saved"
-                raise ApolloError(f"loss {loss} (gradient norm {grad_norm}) at step {step}: stopped; {where}; "
-                                  "lower --lr or allow bad steps with --skip-nonfinite N")
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - start
-            state["wall_s"] += elapsed
-            state["tokens"] += tokens_per_micro * accum
-            write({"event": "step", "step": step, "stage": stage, "live_layers": n_live, "depth": depths,
-                   "loss": loss, "grad_norm": round(grad_norm, 5), "layer_grad_norm": layer_norms, "lr": lr,
-                   "tokens": state["tokens"],
-                   "flops": state["flops"], "wall_s": round(state["wall_s"], 4),
-                   **({} if finite else {"skipped": True})})
+    with open(log_path, "a" if run.ckpt or not d.main else "w", encoding="utf-8") as run.log, \
+            tqdm(total=steps, initial=run.first, disable=not t.progress or not d.main, desc=f"{run.method.method}",
+                 unit="step", dynamic_ncols=True) as run.bar, sigterm_stops() as stop, \
+            Trackers(t.report_to if d.main else (), out, run.cfg, run.first, run.ckpt is not None) as run.track, \
+            EnergyMeter(t, out, run.state, d.main, run.first) as run.energy:  # training's kWh, paused for evaluation
+        announce(run)
+        if run.method.method == "ligo" and (run.ckpt is None or run.in_operator):
+            grow_by_operator(run)
+        ready(run)
+        for step in range(run.first, steps):
+            run.energy.resume()
+            start = time.perf_counter()  # a growth at this step counts in the step's time and energy
+            if run.schedule.stage_at(step) != run.stage:
+                grow_now(run, step)
+            loss, depth, elapsed = train_step(run, step, start)
             if d.main and ((step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps):
-                # Validation always runs all L positions; before the last stage, through the current map.
-                energy.pause()
-                state["val_loss"] = evaluate(model, valid, eval_map(method.growth, n_live, m.layers), data.mlm,
-                                             autocast)
-                write({"event": "eval", "step": step + 1, "stage": stage, "live_layers": n_live,
-                       "val_loss": state["val_loss"], "tokens": state["tokens"], "flops": state["flops"],
-                       "wall_s": round(state["wall_s"], 4), **energy.fields()})
-                log.flush()
+                evaluate_now(run, step)
             preempted = stop.requested if not d.active else bool(distributed.all_sum(d, [int(stop.requested)])[0])
             due = t.checkpoint_every and (step + 1) % t.checkpoint_every == 0
             if d.main and (due or preempted) and step + 1 < steps:
-                energy.pause()
-                log.flush()
-                run_state = {"stage": stage, "live_layers": n_live, "counters": dict(state),
-                             "sampler": sampler.state_dict(), **checkpoint.rng_state(), "log_offset": log.tell(),
-                             "data_fingerprint": data_fingerprint, "world": d.world}
-                path, size, seconds = checkpoint.save(out, step + 1, model, optimizer, run_state, cfg, data.tokenizer,
-                                                      t.keep_checkpoints)
-                write({"event": "checkpoint", "step": step + 1, "path": str(path.relative_to(out)), "bytes": size,
-                       "save_s": round(seconds, 3), **({"sigterm": True} if preempted else {})})
-                log.flush()
+                checkpoint_now(run, step, preempted)
             if preempted and step + 1 < steps:
                 distributed.barrier(d)  # the checkpoint is complete before any rank exits
                 raise Preempted(f"SIGTERM at step {step + 1}/{steps}: checkpoint written; continue with "
                                 f"--resume {out}")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", val=f"{state['val_loss']:.3f}", stage=f"{stage}:{n_live}L",
-                            d=depths[-1], tok_s=f"{tokens_per_micro * accum / elapsed:.0f}", refresh=False)
-
-        if t.check_ranks:
-            distributed.check_same(d, distributed.weights_digest(model), "the final weights")
-            write({"event": "rank_check", "step": steps, "ranks": d.world, "same_weights": True})
-        test_loss = None
-        if d.main and data.test is not None:  # scored once, at the end, on every test block, full-depth map
-            test = valid_batches(data.test, t.batch_size, data.tokenizer, data.mlm, cfg.data.mlm_probability, 0, 0)
-            test_loss = evaluate(model, test, eval_map(method.growth, n_live, m.layers), data.mlm, autocast)
-            write({"event": "test", "step": steps, "test_loss": test_loss, "blocks": len(data.test)})
-    summary = {"method": method.method, "steps": steps, "tokens": state["tokens"], "flops": state["flops"],
-               "wall_s": round(state["wall_s"], 3), "tokens_per_s": round(state["tokens"] / max(state["wall_s"], 1e-9)),
-               "final_val_loss": state["val_loss"], "test_loss": test_loss, "data": data.source,
-               "layers": len(get_layers(model)), "processes": d.world, **energy.summary()}
-    if d.main:
-        model.save_pretrained(out / "model")
-        data.tokenizer.model_max_length = m.seq_len  # so users' tokenizer calls truncate to the position table
-        data.tokenizer.save_pretrained(out / "model")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    distributed.barrier(d)
-    return summary
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{loss:.3f}", val=f"{run.state['val_loss']:.3f}",
+                                stage=f"{run.stage}:{run.n_live}L", d=depth,
+                                tok_s=f"{run.tokens_per_micro * run.accum / elapsed:.0f}", refresh=False)
+        test_loss = conclude(run)
+    return finish(run, test_loss)
