@@ -225,6 +225,16 @@ def _yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip()
 
 
+def _compare_methods(args: argparse.Namespace) -> tuple[list[str], tuple[int, int]]:
+    """compare's methods and small-model shape: from the flags, or from the stored comparison when resuming."""
+    from .compare import stored_compare
+
+    if args.resume:
+        stored = stored_compare(Path(args.resume))
+        return stored["methods"], (stored["small_hidden"], stored["small_layers"])
+    return [m.strip() for m in args.methods.split(",") if m.strip()], (args.small_hidden, args.small_layers)
+
+
 def _dry_run(args: argparse.Namespace, cfg: RunConfig) -> str:
     """``train`` / ``compare`` with ``--dry-run``: the checks a run makes before it reads data (config, method,
     device, memory, run directory, resume point, small model), plus that the local data files exist; returns the
@@ -245,13 +255,9 @@ def _dry_run(args: argparse.Namespace, cfg: RunConfig) -> str:
         method = resolve_method(cfg.method, cfg.model.layers)
         small_cfg, configs = None, {method.method: cfg.method}
     else:
-        from .compare import checked, stored_compare
+        from .compare import checked
 
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        small = (args.small_hidden, args.small_layers)
-        if args.resume:
-            stored = stored_compare(Path(args.resume))
-            methods, small = stored["methods"], (stored["small_hidden"], stored["small_layers"])
+        methods, small = _compare_methods(args)
         small_cfg, configs = checked(cfg, methods, *small)
     check_fits(cfg.model, t, resolve_device(t.device, int(os.environ.get("LOCAL_RANK", "0"))))
     grad_accum(t, world)
@@ -319,13 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .compare import compare
 
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            small = (args.small_hidden, args.small_layers)
-            if args.resume:
-                from .compare import stored_compare
-
-                stored = stored_compare(Path(args.resume))
-                methods, small = stored["methods"], (stored["small_hidden"], stored["small_layers"])
+            methods, small = _compare_methods(args)
             table = compare(cfg, methods, args.overwrite, *small, resume=bool(args.resume))
             if table:  # rank 0 (or the only process)
                 print(table + f"\nwrote {cfg.out}/results.md, results.csv, loss_vs_flops.png")
