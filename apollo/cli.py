@@ -196,17 +196,6 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def _check_run_dir(out: Path, overwrite: bool) -> None:
-    """The refusals of ``runtime.train.prepare_run_dir``, without its changes to the folder."""
-    if out.exists() and not out.is_dir():
-        raise ApolloError(f"run directory {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ApolloError(f"run directory {out} already exists (use --overwrite to replace it)")
-        if not (out / "config.yaml").exists():
-            raise ApolloError(f"refusing to overwrite {out}: it does not look like an apollo run directory")
-
-
 def _check_data_files(cfg: RunConfig) -> None:
     """Local data files exist and are files (not read: that is the run's data loading)."""
     if cfg.data.dataset:  # --data / --valid are then the loader's data_files (patterns are allowed)
@@ -245,7 +234,7 @@ def _dry_run(args: argparse.Namespace, cfg: RunConfig) -> str:
     from .models import resolve_model
     from .runtime.distributed import resolve_device
     from .runtime.memory import check_fits
-    from .runtime.train import grad_accum
+    from .runtime.train import check_run_dir, grad_accum
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check(cfg)
@@ -267,7 +256,7 @@ def _dry_run(args: argparse.Namespace, cfg: RunConfig) -> str:
 
             _resume_point(dataclasses.replace(cfg, method=method), args.allow_config_change)
     else:
-        _check_run_dir(Path(cfg.out), args.overwrite)
+        check_run_dir(Path(cfg.out), args.overwrite)
         if args.command == "train" and method.small_model:
             from .baselines.bert2bert import load_small
 

@@ -127,9 +127,8 @@ def evaluate(model: nn.Module, batches: list[dict], positions: list[int], mlm: b
     return total / max(1, count)
 
 
-def prepare_run_dir(out: Path, overwrite: bool, d: distributed.Dist | None = None) -> None:
-    """Refuse to write into an earlier run unless asked to; never delete anything but that run's files.
-    Under torchrun every rank checks the folder as it found it (so all fail alike), then rank 0 changes it."""
+def check_run_dir(out: Path, overwrite: bool) -> bool:
+    """Refuse a run directory that is not ours to replace; returns whether it holds anything."""
     if out.exists() and not out.is_dir():
         raise ApolloError(f"run directory {out} exists and is not a directory")
     occupied = out.exists() and any(out.iterdir())
@@ -138,6 +137,13 @@ def prepare_run_dir(out: Path, overwrite: bool, d: distributed.Dist | None = Non
             raise ApolloError(f"run directory {out} already exists (use --overwrite to replace it)")
         if not (out / "config.yaml").exists():
             raise ApolloError(f"refusing to overwrite {out}: it does not look like an apollo run directory")
+    return occupied
+
+
+def prepare_run_dir(out: Path, overwrite: bool, d: distributed.Dist | None = None) -> None:
+    """Refuse to write into an earlier run unless asked to; never delete anything but that run's files.
+    Under torchrun every rank checks the folder as it found it (so all fail alike), then rank 0 changes it."""
+    occupied = check_run_dir(out, overwrite)
     if d is not None:
         distributed.barrier(d)
         if not d.main:
