@@ -4,6 +4,7 @@ its errors, on made-up BLiMP-format files and tiny saved GPT-2 and BERT runs."""
 import csv
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -186,6 +187,32 @@ def test_evaluate_writes_the_tables_and_keeps_scores(runs, blimp_dir, tmp_path, 
     assert main([*args[:-4], "--max-pairs", "5", "--out", str(out)]) == 0
     assert (out / "gpt2" / "blimp" / "result.json").stat().st_mtime_ns != stamp
     assert json.loads((out / "gpt2" / "blimp" / "result.json").read_text())["pairs"] == 20
+
+
+def test_another_run_with_the_same_label_is_scored_not_given_the_kept_result(runs, blimp_dir, tmp_path, capsys):
+    """A run whose method (here: directory name) matches a result kept in --out from another run gets its own label
+    and is scored; the kept result is left as it was; a third such run is refused with one line."""
+    out = tmp_path / "eval"
+    twins = []
+    for where in ("first", "second", "third"):
+        shutil.copytree(runs["gpt2"], tmp_path / where / "gpt2")
+        twins.append(tmp_path / where / "gpt2")
+    common = ["--tasks", "blimp", "--blimp-dir", str(blimp_dir), "--max-pairs", "3", "--threads", "1", "--out",
+              str(out)]
+    assert main(["evaluate", "--runs", str(twins[0]), *common]) == 0
+    kept = (out / "gpt2" / "blimp" / "result.json").read_text()
+    assert main(["evaluate", "--runs", str(twins[1]), *common]) == 0
+    assert (out / "gpt2" / "blimp" / "result.json").read_text() == kept
+    second = json.loads((out / "gpt2_gpt2" / "blimp" / "result.json").read_text())
+    assert second["run"] == str(twins[1])
+    assert "| gpt2 (gpt2) |" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", "--runs", str(twins[2]), *common]) == 2
+    err = capsys.readouterr().err
+    assert "is taken by another run" in err and len(err.strip().splitlines()) == 1, err
+    # the same run again keeps its own results, under its own label
+    assert main(["evaluate", "--runs", str(twins[1]), str(twins[0]), *common]) == 0
+    assert json.loads((out / "gpt2_gpt2" / "blimp" / "result.json").read_text()) == second
 
 
 def test_blimp_column_beside_glue_outside_the_average(tmp_path):

@@ -26,5 +26,5 @@ def test_readme_demo_table_is_the_committed_demo_result():
     """The README's demo table is exactly what `make demo` wrote (benchmarks/results/demo is its copy)."""
     root = Path(__file__).parents[1]
     readme = (root / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("**Measured so far** (`make demo`"):]
+    section = readme[readme.index("**Measured** (`make demo`"):]
     assert _table(section) == _table((root / "benchmarks/results/demo/results.md").read_text(encoding="utf-8"))

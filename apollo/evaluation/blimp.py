@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import ApolloError
 from ..models import is_masked, max_tokens
-from .finetune import _quiet, model_dir
+from .finetune import _quiet, model_dir, result_dir
 
 HUB = "hub"  # --blimp-dir hub: the `datasets` copy (needs internet)
 HUB_ID = "nyu-mll/blimp"
@@ -316,7 +316,7 @@ def evaluate(labels: dict[Path, str], paradigms: dict[str, list[Pair]], out: Pat
     kept, not rescored."""
     results = []
     for run, label in labels.items():
-        where = out / label.replace(" ", "_").replace("(", "").replace(")", "") / "blimp"
+        where = result_dir(out, label) / "blimp"
         saved = json.loads((where / "result.json").read_text()) if (where / "result.json").is_file() else {}
         if saved.get("config") != settings(paradigms):
             saved = score_run(run, paradigms, where, threads, log)

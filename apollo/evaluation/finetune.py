@@ -358,6 +358,35 @@ def _same_settings(saved: dict | None, wanted: dict) -> bool:
         {k: v for k, v in wanted.items() if k != "threads"}
 
 
+def result_dir(out: Path, label: str) -> Path:
+    """Where a run's results live in an evaluation folder: one sub-folder per label."""
+    return out / label.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def _holds_other_run(out: Path, label: str, run: Path) -> bool:
+    """Whether ``out`` keeps results under ``label`` that another run made (they must not be reused for this one)."""
+    for path in result_dir(out, label).glob("*/result.json"):
+        made_by = json.loads(path.read_text()).get("run")
+        if made_by and Path(made_by).resolve() != run.resolve():
+            return True
+    return False
+
+
+def run_labels(runs: list[Path], out: Path) -> dict[Path, str]:
+    """Each run's label: its method, or ``method (dir name)`` when another run here or in ``out`` uses the method."""
+    labels: dict[Path, str] = {}
+    for run in runs:
+        model_dir(run)  # fail before any training
+        label = run_label(run)
+        if label in labels.values() or _holds_other_run(out, label, run):
+            label = f"{label} ({run.name})"
+        if label in labels.values() or _holds_other_run(out, label, run):
+            raise ApolloError(f"{run}: its label {label!r} is taken by another run (here or in {out}); "
+                              "pass distinct run directories or another --out")
+        labels[run] = label
+    return labels
+
+
 def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: FinetuneConfig, out: Path,
                   lm_test: list[str] = (), log=print, blimp_dir: str = "", max_pairs: int = 0) -> str:
     """Fine-tune every run on every task with every seed and write the table. Finished fine-tunes in ``out`` with
@@ -369,13 +398,7 @@ def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: Fin
         raise ApolloError(f"unknown task {unknown[0]!r} (choose from {', '.join((*TASKS, BLIMP))})")
     if not runs or not tasks or not seeds:
         raise ApolloError("evaluate needs at least one run, one task and one seed")
-    labels = {}
-    for run in runs:
-        model_dir(run)  # fail before any training
-        label = run_label(run)
-        labels[run] = label if label not in labels.values() else f"{label} ({run.name})"
-    if len(set(labels.values())) < len(labels):
-        raise ApolloError("two runs have the same method and directory name; pass distinct run directories")
+    labels = run_labels(runs, out)
     if BLIMP in tasks:
         from . import blimp
 
@@ -385,7 +408,7 @@ def evaluate_runs(runs: list[Path], tasks: list[str], seeds: list[int], cfg: Fin
     for run, label in labels.items():
         for task in (t for t in tasks if t != BLIMP):
             for seed in seeds:
-                where = out / label.replace(" ", "_").replace("(", "").replace(")", "") / f"{task}-s{seed}"
+                where = result_dir(out, label) / f"{task}-s{seed}"
                 ft = FinetuneConfig(**{**asdict(cfg), "task": task, "seed": seed})
                 saved = json.loads((where / "result.json").read_text()) if (where / "result.json").is_file() else {}
                 if _same_settings(saved.get("config"), asdict(ft)):
