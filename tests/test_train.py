@@ -40,6 +40,8 @@ def test_apollo_run_passes_all_stages_and_lowers_loss(tmp_path, arch):
     assert [e["step"] for e in evals] == [10, 20, 30, 40, 50, 60]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3 and evals[-1]["val_loss"] < steps[0]["loss"] - 0.8
     assert summary["layers"] == 12 and summary["final_val_loss"] == evals[-1]["val_loss"]
+    assert summary["versions"]["torch"] == torch.__version__ and set(summary["versions"]) == {
+        "apollo", "torch", "transformers", "tokenizers"}
 
 
 def test_saved_model_reloads_with_from_pretrained(tmp_path, arch):

@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import IO
 
@@ -610,6 +611,12 @@ def conclude(run: Run) -> float | None:
     return test_loss
 
 
+def library_versions() -> dict[str, str]:
+    """The libraries a run's losses depend on bit for bit (the same run under other versions differs in the last
+    bits of its matmuls, and an unstable run by much more): recorded in summary.json."""
+    return {name: version(name) for name in ("apollo", "torch", "transformers", "tokenizers")}
+
+
 def finish(run: Run, test_loss: float | None) -> dict:
     """Once the log, trackers and energy meter are closed (its last stretch counted): the summary; rank 0 saves the
     model, its tokenizer and summary.json, which marks the run finished (``--resume`` refuses it)."""
@@ -617,7 +624,8 @@ def finish(run: Run, test_loss: float | None) -> dict:
     summary = {"method": run.method.method, "steps": run.steps, "tokens": state["tokens"], "flops": state["flops"],
                "wall_s": round(state["wall_s"], 3), "tokens_per_s": round(state["tokens"] / max(state["wall_s"], 1e-9)),
                "final_val_loss": state["val_loss"], "test_loss": test_loss, "data": run.data.source,
-               "layers": len(get_layers(run.model)), "processes": run.d.world, **run.energy.summary()}
+               "layers": len(get_layers(run.model)), "processes": run.d.world, **run.energy.summary(),
+               "versions": library_versions()}
     if run.d.main:
         run.model.save_pretrained(out / "model")
         run.data.tokenizer.model_max_length = run.m.seq_len  # so users' tokenizer calls truncate to the position table
