@@ -191,7 +191,8 @@ def test_evaluate_writes_the_tables_and_keeps_scores(runs, blimp_dir, tmp_path, 
 
 def test_another_run_with_the_same_label_is_scored_not_given_the_kept_result(runs, blimp_dir, tmp_path, capsys):
     """A run whose method (here: directory name) matches a result kept in --out from another run gets its own label
-    and is scored; the kept result is left as it was; a third such run is refused with one line."""
+    and is scored; the kept result is left as it was; a third such run is refused with one line; a run whose results
+    are kept needs its model no more."""
     out = tmp_path / "eval"
     twins = []
     for where in ("first", "second", "third"):
@@ -210,9 +211,15 @@ def test_another_run_with_the_same_label_is_scored_not_given_the_kept_result(run
     assert main(["evaluate", "--runs", str(twins[2]), *common]) == 2
     err = capsys.readouterr().err
     assert "is taken by another run" in err and len(err.strip().splitlines()) == 1, err
-    # the same run again keeps its own results, under its own label
+    # the same runs again keep their own results, under their own labels, even once their models are deleted
+    shutil.rmtree(twins[0] / "model")
     assert main(["evaluate", "--runs", str(twins[1]), str(twins[0]), *common]) == 0
     assert json.loads((out / "gpt2_gpt2" / "blimp" / "result.json").read_text()) == second
+    assert (out / "gpt2" / "blimp" / "result.json").read_text() == kept
+    assert "| gpt2 (gpt2) |" in (out / "results.md").read_text() and "| gpt2 |" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", "--runs", str(twins[0]), *common[:-1], str(tmp_path / "elsewhere")]) == 2
+    assert "holds no saved model" in capsys.readouterr().err
 
 
 def test_blimp_column_beside_glue_outside_the_average(tmp_path):

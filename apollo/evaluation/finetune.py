@@ -363,26 +363,25 @@ def result_dir(out: Path, label: str) -> Path:
     return out / label.replace(" ", "_").replace("(", "").replace(")", "")
 
 
-def _holds_other_run(out: Path, label: str, run: Path) -> bool:
-    """Whether ``out`` keeps results under ``label`` that another run made (they must not be reused for this one)."""
-    for path in result_dir(out, label).glob("*/result.json"):
-        made_by = json.loads(path.read_text()).get("run")
-        if made_by and Path(made_by).resolve() != run.resolve():
-            return True
-    return False
+def _made_by(out: Path, label: str) -> set[Path]:
+    """The runs whose results ``out`` keeps under ``label``."""
+    paths = (json.loads(p.read_text()).get("run") for p in result_dir(out, label).glob("*/result.json"))
+    return {Path(p).resolve() for p in paths if p}
 
 
 def run_labels(runs: list[Path], out: Path) -> dict[Path, str]:
-    """Each run's label: its method, or ``method (dir name)`` when another run here or in ``out`` uses the method."""
+    """Each run's label: its method, or ``method (dir name)`` when another run here or in ``out`` uses the method.
+    A run needs its saved model unless ``out`` already keeps results of it (their model may since be deleted)."""
     labels: dict[Path, str] = {}
     for run in runs:
-        model_dir(run)  # fail before any training
-        label = run_label(run)
-        if label in labels.values() or _holds_other_run(out, label, run):
+        label, me = run_label(run), run.resolve()
+        if label in labels.values() or _made_by(out, label) - {me}:
             label = f"{label} ({run.name})"
-        if label in labels.values() or _holds_other_run(out, label, run):
+        if label in labels.values() or _made_by(out, label) - {me}:
             raise ApolloError(f"{run}: its label {label!r} is taken by another run (here or in {out}); "
                               "pass distinct run directories or another --out")
+        if me not in _made_by(out, label):
+            model_dir(run)  # fail before any training
         labels[run] = label
     return labels
 
