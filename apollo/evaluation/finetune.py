@@ -375,12 +375,14 @@ def run_labels(runs: list[Path], out: Path) -> dict[Path, str]:
     labels: dict[Path, str] = {}
     for run in runs:
         label, me = run_label(run), run.resolve()
-        if label in labels.values() or _made_by(out, label) - {me}:
+        makers = _made_by(out, label)
+        if label in labels.values() or makers - {me}:
             label = f"{label} ({run.name})"
-        if label in labels.values() or _made_by(out, label) - {me}:
-            raise ApolloError(f"{run}: its label {label!r} is taken by another run (here or in {out}); "
-                              "pass distinct run directories or another --out")
-        if me not in _made_by(out, label):
+            makers = _made_by(out, label)
+            if label in labels.values() or makers - {me}:
+                raise ApolloError(f"{run}: its label {label!r} is taken by another run (here or in {out}); "
+                                  "pass distinct run directories or another --out")
+        if me not in makers:
             model_dir(run)  # fail before any training
         labels[run] = label
     return labels
